@@ -1,0 +1,1 @@
+"""Compute kernels (torch ops with hand-written backward), below the layer."""

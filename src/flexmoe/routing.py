@@ -1,0 +1,166 @@
+"""Routing: gate logits -> which expert slot every token assignment takes (DESIGN section 2).
+
+Legend: T tokens, E experts, k choices per token, P = k * T assignments in priority order,
+N kept assignments (in slot order, i.e. grouped by expert), C capacity, Cb buffer capacity (C padded).
+
+Priority order is (choice j, then token position); with batch-prioritized routing the token position
+is replaced by the token's rank in descending top-1 score. An assignment keeps a slot if fewer than C
+earlier assignments went to the same expert. Locations come from one stable sort by expert id, so the
+cost is O(P log P) and no [T, E] or [T, E, C] mask is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from flexmoe.config import RoutingConfig
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Where every token goes; produced by `route`, consumed by dispatch/combine and the plans."""
+
+    num_tokens: int
+    num_experts: int
+    top_k: int
+    capacity: int  # C: the bound that decides drops
+    buffer_capacity: int  # Cb >= C: rows per expert in the dispatched [E, Cb, M] buffer
+    experts_TK: torch.Tensor  # chosen expert of each assignment
+    locations_TK: torch.Tensor  # slot within the expert (>= capacity means dropped)
+    weights_TK: torch.Tensor  # gate weights (differentiable), float32/float64
+    demand_E: torch.Tensor  # assignments per expert before capacity
+    kept_E: torch.Tensor  # assignments per expert after capacity (the expert GEMM rows)
+    token_N: torch.Tensor  # token of every kept assignment, grouped by expert, in slot order
+    slot_N: torch.Tensor  # expert * Cb + location of every kept assignment
+    weight_N: torch.Tensor  # gate weight of every kept assignment (differentiable)
+    aux_loss: torch.Tensor  # scalar, differentiable
+
+    @property
+    def kept_TK(self) -> torch.Tensor:
+        return self.locations_TK < self.capacity
+
+    @property
+    def kept_counts(self) -> list[int]:
+        return self.kept_E.tolist()
+
+    def dropped_fraction(self) -> float:
+        total = self.num_tokens * self.top_k
+        return 0.0 if total == 0 else 1.0 - int(self.kept_E.sum()) / total
+
+
+def capacity_for(capacity_factor: float, *, top_k: int, num_tokens: int, num_experts: int, max_demand: int) -> int:
+    """Capacity per (rank, expert) before group agreement; at least 1 so buffers are never empty."""
+    if capacity_factor > 0:
+        return max(1, math.ceil(top_k * capacity_factor * num_tokens / num_experts))
+    if capacity_factor == 0:
+        return max(1, max_demand)
+    bound = math.ceil(top_k * -capacity_factor * num_tokens / num_experts)
+    return max(1, min(max_demand, bound))
+
+
+def _cv_squared(v_E: torch.Tensor) -> torch.Tensor:
+    if v_E.numel() < 2:
+        return v_E.sum() * 0
+    return v_E.var() / (v_E.mean() ** 2 + 1e-10)
+
+
+def _aux_loss(
+    config: RoutingConfig,
+    clean_TE: torch.Tensor,
+    noisy_TE: torch.Tensor,
+    scores_TE: torch.Tensor,
+    experts_TK: torch.Tensor,
+    noise_std: float,
+) -> torch.Tensor:
+    T, E = scores_TE.shape
+    if T == 0 or E == 1:
+        loss = scores_TE.sum() * 0
+    elif config.aux_loss == "gshard":
+        top1_share_E = torch.bincount(experts_TK[:, 0], minlength=E).to(scores_TE.dtype) / T
+        loss = E * torch.sum(scores_TE.mean(0) * top1_share_E)
+    else:  # importance_load (Swin-MoE): balance both the summed scores and the noisy-top-k load
+        importance_E = scores_TE.sum(0)
+        if noise_std > 0:
+            # P(expert e stays in the top k under fresh noise): Normal CDF of the clean logit's margin
+            # over the k-th largest noisy logit of the token.
+            threshold_T1 = noisy_TE.topk(config.top_k, dim=-1).values[:, -1:]
+            normal = torch.distributions.Normal(0.0, noise_std)
+            load_E = normal.cdf(clean_TE - threshold_T1).sum(0)
+        else:  # no noise (eval): the hard load, which carries no gradient
+            load_E = torch.bincount(experts_TK.reshape(-1), minlength=E).to(scores_TE.dtype)
+        loss = (_cv_squared(importance_E) + _cv_squared(load_E)) / 2
+    if config.router_z_loss > 0 and T > 0:
+        loss = loss + config.router_z_loss * torch.logsumexp(noisy_TE, dim=-1).pow(2).mean()
+    return loss
+
+
+def route(
+    logits_TE: torch.Tensor,
+    config: RoutingConfig,
+    *,
+    training: bool = False,
+    capacity_multiple: int = 1,
+    agree_capacity: Callable[[int], int] | None = None,
+) -> RoutingPlan:
+    """Route T tokens given their clean gate logits [T, E].
+
+    `agree_capacity` turns the local capacity into the group's (all-reduce max); `capacity_multiple`
+    pads the buffer capacity (never the drop bound) for chunked pipelines and sharded experts.
+    """
+    if logits_TE.dim() != 2 or logits_TE.shape[1] != config.num_experts:
+        raise ValueError(f"logits must be [T, {config.num_experts}], got {tuple(logits_TE.shape)}")
+    T, E = logits_TE.shape
+    k = config.top_k
+    noise_std = config.gate_noise / E if training else 0.0
+    noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std if noise_std > 0 else logits_TE
+    scores_TE = torch.softmax(noisy_TE, dim=-1)
+    top_TK, experts_TK = scores_TE.topk(k, dim=-1)
+    if config.normalize_gate and k > 1:
+        weights_TK = top_TK / top_TK.sum(-1, keepdim=True)
+    else:
+        weights_TK = top_TK
+
+    device = logits_TE.device
+    if config.batch_prioritized_routing:
+        order_T = torch.argsort(-top_TK[:, 0].detach(), stable=True)
+    else:
+        order_T = torch.arange(T, device=device)
+    experts_P = experts_TK[order_T].t().reshape(-1)  # j-major: all first choices, then second ...
+    demand_E = torch.bincount(experts_P, minlength=E)
+    by_expert_P = torch.argsort(experts_P, stable=True)
+    starts_E = torch.cumsum(demand_E, 0) - demand_E
+    location_P = torch.empty_like(experts_P)
+    location_P[by_expert_P] = torch.arange(k * T, device=device) - starts_E[experts_P[by_expert_P]]
+
+    max_demand = int(demand_E.max()) if T > 0 else 0
+    C = capacity_for(config.capacity_factor, top_k=k, num_tokens=T, num_experts=E, max_demand=max_demand)
+    if agree_capacity is not None:
+        C = agree_capacity(C)
+    Cb = -(-C // capacity_multiple) * capacity_multiple
+
+    kept_sorted = by_expert_P[location_P[by_expert_P] < C]  # kept positions, in slot order
+    token_N = order_T[kept_sorted % T] if T > 0 else kept_sorted
+    choice_N = kept_sorted // max(T, 1)
+    slot_N = experts_P[kept_sorted] * Cb + location_P[kept_sorted]
+    locations_TK = torch.empty_like(experts_TK)
+    locations_TK[order_T] = location_P.view(k, T).t()
+    return RoutingPlan(
+        num_tokens=T,
+        num_experts=E,
+        top_k=k,
+        capacity=C,
+        buffer_capacity=Cb,
+        experts_TK=experts_TK,
+        locations_TK=locations_TK,
+        weights_TK=weights_TK,
+        demand_E=demand_E,
+        kept_E=torch.clamp(demand_E, max=C),
+        token_N=token_N,
+        slot_N=slot_N,
+        weight_N=weights_TK[token_N, choice_N],
+        aux_loss=_aux_loss(config, logits_TE, noisy_TE, scores_TE, experts_TK, noise_std),
+    )

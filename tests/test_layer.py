@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 import torch
-from reference import cosine_logits, linear_logits, reference_moe
 
 from flexmoe import MoELayer, Plan
 from flexmoe.baselines import GShardMoELayer
+from reference import cosine_logits, linear_logits, reference_moe
 
 M, H, E, T = 6, 10, 8, 21
 
@@ -27,8 +27,17 @@ GATE_ACT = list(itertools.product(["linear", "cosine"], ["gelu", "relu", "silu",
 def _make(k, cf, bpr, post, gate, act, *, seed=0):
     torch.manual_seed(seed)
     layer = MoELayer(
-        M, H, E, top_k=k, capacity_factor=cf, batch_prioritized_routing=bpr, is_postscore=post,
-        gate=gate, activation=act, seed=seed, dtype=torch.float64,
+        M,
+        H,
+        E,
+        top_k=k,
+        capacity_factor=cf,
+        batch_prioritized_routing=bpr,
+        is_postscore=post,
+        gate=gate,
+        activation=act,
+        seed=seed,
+        dtype=torch.float64,
     )
     if gate == "cosine":
         with torch.no_grad():  # float64 gate parameters so the comparison holds to 1e-10
@@ -81,8 +90,18 @@ def test_matches_per_token_loop(k, cf, bpr, post):
 @pytest.mark.parametrize("gate,act", GATE_ACT)
 def test_matches_einsum_baseline(gate, act):
     layer = _make(2, 1.0, True, True, gate, act, seed=5)
-    base = GShardMoELayer(M, H, E, top_k=2, capacity_factor=1.0, batch_prioritized_routing=True, gate=gate,
-                          activation=act, seed=5, dtype=torch.float64)
+    base = GShardMoELayer(
+        M,
+        H,
+        E,
+        top_k=2,
+        capacity_factor=1.0,
+        batch_prioritized_routing=True,
+        gate=gate,
+        activation=act,
+        seed=5,
+        dtype=torch.float64,
+    )
     base.gate.double()
     base.load_state_dict(layer.state_dict())
     x = torch.randn(T, M, dtype=torch.float64, requires_grad=True)
@@ -124,7 +143,9 @@ def test_gshard_aux_loss_formula():
 
 
 def test_importance_load_aux_loss_in_eval_uses_hard_load():
-    layer = MoELayer(M, H, E, top_k=2, aux_loss="importance_load", seed=1, dtype=torch.float64).double().eval()
+    layer = (
+        MoELayer(M, H, E, top_k=2, aux_loss="importance_load", seed=1, dtype=torch.float64).double().eval()
+    )
     x = torch.randn(T, M, dtype=torch.float64)
     layer(x)
     scores = torch.softmax(x @ layer.gate.weight.t(), -1)
@@ -173,7 +194,7 @@ def test_bfloat16_layer_is_close_to_float32():
 
 
 def test_last_plan_reports_static_default_and_forced_plans():
-    layer = MoELayer(M, H, E, seed=0)
+    layer = MoELayer(M, H, E, seed=0, tuner=False)
     layer(torch.randn(4, M))
     assert layer.last_plan.source == "static-default"
     assert layer.last_plan.plan == Plan(r=1, d=1, all_to_all="flat")
@@ -221,7 +242,9 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, name):
         MoELayer(M, H, E, **kwargs)
 
 
-@pytest.mark.parametrize("dims,name", [((0, H, E), "model_dim"), ((M, -1, E), "hidden_dim"), ((M, H, 0), "num_experts")])
+@pytest.mark.parametrize(
+    "dims,name", [((0, H, E), "model_dim"), ((M, -1, E), "hidden_dim"), ((M, H, 0), "num_experts")]
+)
 def test_non_positive_sizes(dims, name):
     with pytest.raises(ValueError, match=name):
         MoELayer(*dims)

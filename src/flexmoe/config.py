@@ -80,7 +80,9 @@ class MoEConfig:
         _choice("gate", self.gate, GATES)
         _choice("activation", self.activation, ACTIVATIONS)
         if self.parallelism != "adaptive" and (
-            isinstance(self.parallelism, bool) or not isinstance(self.parallelism, int) or self.parallelism < 0
+            isinstance(self.parallelism, bool)
+            or not isinstance(self.parallelism, int)
+            or self.parallelism < 0
         ):
             raise ValueError(f"parallelism must be 'adaptive' or an int r >= 0, got {self.parallelism!r}")
         if self.pipeline_degree != "adaptive":

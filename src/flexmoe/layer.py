@@ -5,17 +5,24 @@ Legend: T tokens (all leading dims of x flattened), M model dim, E experts.
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe.config import MoEConfig
+from flexmoe.comm import ExpertGroups, agree_max, check_agreement
+from flexmoe.config import ALL_TO_ALL_ALGORITHMS, MoEConfig
+from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
 from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
 from flexmoe.layout import ExpertLayout
 from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
 from flexmoe.routing import route
-from flexmoe.strategies import LocalStrategy
+from flexmoe.strategies import build_strategy
+from flexmoe.tuner import PlanTuner, TunerConfig
 
 
 def _group_size_and_rank(group) -> tuple[int, int]:
@@ -61,6 +68,8 @@ class MoELayer(nn.Module):
         pipeline_degree: int | str = "adaptive",
         all_to_all: str = "auto",
         local_world_size: int | None = None,
+        tuner: TunerConfig | bool = True,
+        cluster: ClusterSpec | None = None,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device=None,
@@ -98,11 +107,21 @@ class MoELayer(nn.Module):
             activation=activation,
         )
         self._check_fixed_settings()
+        self.groups = ExpertGroups(
+            group,
+            shards_per_expert=self.layout.shards_per_expert,
+            # ranks per node: set explicitly, or the topology torchrun reports
+            local_world_size=local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None,
+        )
         self.seed = _shared_seed(seed, group, world_size)
         gate_generator = torch.Generator().manual_seed(self.seed)
         self.gate = build_gate(gate, model_dim, num_experts, generator=gate_generator, device=device)
         self.experts = Experts(self.layout, seed=self.seed, bias=bias, dtype=dtype, device=device)
         self._strategies: dict[Plan, object] = {}
+        # the run-time tuner (True: default settings); False keeps "adaptive" on the static default plan
+        if tuner is True:
+            tuner = TunerConfig()
+        self.tuner = self._build_tuner(tuner, cluster, device) if tuner else None
         self.aux_loss = torch.zeros((), device=device)
         self.last_plan: PlanRecord | None = None
 
@@ -115,28 +134,103 @@ class MoELayer(nn.Module):
                 f"E={c.num_experts} on {self.layout.world_size} ranks, got {c.parallelism}"
             )
 
-    def _choose_plan(self, forced: Plan | None) -> tuple[Plan, str]:
+    @property
+    def adaptive(self) -> bool:
+        c = self.config
+        return "adaptive" in (c.parallelism, c.pipeline_degree) or c.all_to_all == "auto"
+
+    def _build_tuner(self, config: TunerConfig, cluster: ClusterSpec | None, device) -> PlanTuner:
+        c, L = self.config, self.layout
+        shape = dict(
+            model_dim=c.model_dim,
+            hidden_dim=c.hidden_dim,
+            num_experts=c.num_experts,
+            world_size=L.world_size,
+            top_k=c.top_k,
+            swiglu=c.activation == "swiglu",
+        )
+        plans = (
+            [STATIC_DEFAULT]
+            if L.world_size == 1
+            else candidate_plans(
+                LayerShape(capacity=1, tokens=1, **shape),
+                two_dh=self.groups.supports_2dh,
+                degrees=config.pipeline_degrees,
+            )
+        )
+        plans = [  # settings that are fixed stay fixed
+            p
+            for p in plans
+            if c.parallelism in ("adaptive", p.r)
+            and (p.r == 0 or c.pipeline_degree in ("adaptive", p.d))
+            and (p.r == 0 or c.all_to_all in ("auto", p.all_to_all))
+        ] or [self._fixed_plan()]
+        model = CostModel(cluster or default_cluster(device))
+
+        def rank_plans(capacity: int):
+            layer_shape = LayerShape(capacity=capacity, tokens=capacity * c.num_experts // c.top_k, **shape)
+            return model.rank(layer_shape, plans)
+
+        return PlanTuner(plans, rank_plans, config=config, group=self.group, device=device)
+
+    def _fixed_plan(self) -> Plan:
+        c = self.config
+        return Plan(
+            r=STATIC_DEFAULT.r if c.parallelism == "adaptive" else c.parallelism,
+            d=STATIC_DEFAULT.d if c.pipeline_degree == "adaptive" else c.pipeline_degree,
+            all_to_all=STATIC_DEFAULT.all_to_all if c.all_to_all == "auto" else c.all_to_all,
+        )
+
+    def _plan_before_routing(self, forced: Plan | None) -> tuple[Plan | None, str]:
+        """A forced or fixed plan is known before routing; the tuner's needs the capacity."""
         if forced is not None:
             if not isinstance(forced, Plan):
                 raise ValueError(f"plan must be a flexmoe.Plan, got {type(forced).__name__}")
             if forced.r not in self.layout.valid_degrees:
                 raise ValueError(f"plan.r must be one of {self.layout.valid_degrees}, got {forced.r}")
             return forced, "forced"
-        c = self.config
-        adaptive = "adaptive" in (c.parallelism, c.pipeline_degree) or c.all_to_all == "auto"
-        plan = Plan(
-            r=STATIC_DEFAULT.r if c.parallelism == "adaptive" else c.parallelism,
-            d=STATIC_DEFAULT.d if c.pipeline_degree == "adaptive" else c.pipeline_degree,
-            all_to_all=STATIC_DEFAULT.all_to_all if c.all_to_all == "auto" else c.all_to_all,
-        )
-        return plan, "static-default" if adaptive else "fixed"
+        if not self.adaptive:
+            return self._fixed_plan(), "fixed"
+        if self.tuner is None:
+            return self._fixed_plan(), "static-default"
+        return None, "tuner"
 
     def _strategy(self, plan: Plan):
         if self.layout.world_size == 1:
             plan = STATIC_DEFAULT  # one process: every plan is the same local computation
+        if plan.all_to_all == "2dh" and not self.groups.supports_2dh:
+            raise ValueError(
+                "all_to_all='2dh' needs local_world_size L with 1 < L < W and W % L == 0 "
+                f"(W={self.layout.world_size}, L={self.groups.local_world_size}); use 'flat'"
+            )
         if plan not in self._strategies:
-            self._strategies[plan] = LocalStrategy(self.experts)
+            self._strategies[plan] = build_strategy(plan, self.experts, self.groups)
         return plan, self._strategies[plan]
+
+    def _agree_capacity(self, plan: Plan | None, device) -> Callable[[int], int] | None:
+        """Ranks must run the same plan on the same shapes, or the collectives would hang: check it,
+        and take the group's largest capacity, before any token moves."""
+        if self.layout.world_size == 1:
+            return None
+        checks = {
+            "model_dim": self.config.model_dim,
+            "training": int(self.training),
+            "adaptive": int(plan is None),
+        }
+        if plan is not None:
+            checks.update(
+                {
+                    "plan.r": plan.r,
+                    "plan.d": plan.d,
+                    "plan.all_to_all": ALL_TO_ALL_ALGORITHMS.index(plan.all_to_all),
+                }
+            )
+
+        def agree(capacity: int) -> int:
+            check_agreement(checks, self.group, device=device)
+            return agree_max([capacity], self.group, device=device)[0]
+
+        return agree
 
     # -- forward -----------------------------------------------------------------------------------
     def _validate(self, x: torch.Tensor) -> None:
@@ -145,22 +239,47 @@ class MoELayer(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating point tensor, got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.config.model_dim:
-            raise ValueError(f"x must have last dimension model_dim={self.config.model_dim}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have last dimension model_dim={self.config.model_dim}, got shape {tuple(x.shape)}"
+            )
+
+    def _time_trial(self, capacity: int, plan: Plan, started: float, x_TM: torch.Tensor, y_TM: torch.Tensor):
+        """A tuner trial's time: this layer's forward, plus its backward when one will run."""
+        forward_s = time.perf_counter() - started
+        if not (self.training and y_TM.requires_grad and x_TM.requires_grad):
+            self.tuner.record(capacity, plan, forward_s)
+            return
+        backward_start = []
+        y_TM.register_hook(lambda g: backward_start.append(time.perf_counter()))
+        x_TM.register_hook(
+            lambda g: (
+                self.tuner.record(capacity, plan, forward_s + time.perf_counter() - backward_start[0])
+                if backward_start
+                else None
+            )
+        )
 
     def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
         self._validate(x)
-        requested, source = self._choose_plan(plan)
-        plan, strategy = self._strategy(requested)
+        plan, source = self._plan_before_routing(plan)
         x_TM = x.reshape(-1, self.config.model_dim)
-        compute_dtype = self.experts.fc1_weight.dtype
+        started = time.perf_counter()
         logits_TE = self.gate(x_TM)
         routing = route(
             logits_TE,
             self.config.routing(training=self.training),
             training=self.training,
-            capacity_multiple=strategy.capacity_multiple,
+            agree_capacity=self._agree_capacity(plan, x.device),
         )
-        y_TM = strategy(x_TM.to(compute_dtype), routing, is_postscore=self.config.is_postscore)
+        if plan is None:
+            plan, source = self.tuner.choose(routing.capacity)
+        plan, strategy = self._strategy(plan)
+        routing = routing.padded_to(strategy.capacity_multiple)
+        y_TM = strategy(
+            x_TM.to(self.experts.fc1_weight.dtype), routing, is_postscore=self.config.is_postscore
+        )
+        if source == "tuner-explore":
+            self._time_trial(routing.capacity, plan, started, x_TM, y_TM)
         self.aux_loss = routing.aux_loss
         self.last_routing = routing
         self.last_plan = PlanRecord(
@@ -170,4 +289,7 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"model_dim={c.model_dim}, hidden_dim={c.hidden_dim}, num_experts={c.num_experts}, top_k={c.top_k}"
+        return (
+            f"model_dim={c.model_dim}, hidden_dim={c.hidden_dim}, num_experts={c.num_experts}, "
+            f"top_k={c.top_k}, world_size={self.layout.world_size}"
+        )

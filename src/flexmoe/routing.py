@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,12 +47,22 @@ class RoutingPlan:
     def kept_counts(self) -> list[int]:
         return self.kept_E.tolist()
 
+    def padded_to(self, multiple: int) -> RoutingPlan:
+        """The same routing with the buffer capacity padded to a multiple (kept set unchanged)."""
+        Cb = -(-self.capacity // multiple) * multiple
+        if Cb == self.buffer_capacity:
+            return self
+        expert_N, location_N = self.slot_N // self.buffer_capacity, self.slot_N % self.buffer_capacity
+        return replace(self, buffer_capacity=Cb, slot_N=expert_N * Cb + location_N)
+
     def dropped_fraction(self) -> float:
         total = self.num_tokens * self.top_k
         return 0.0 if total == 0 else 1.0 - int(self.kept_E.sum()) / total
 
 
-def capacity_for(capacity_factor: float, *, top_k: int, num_tokens: int, num_experts: int, max_demand: int) -> int:
+def capacity_for(
+    capacity_factor: float, *, top_k: int, num_tokens: int, num_experts: int, max_demand: int
+) -> int:
     """Capacity per (rank, expert) before group agreement; at least 1 so buffers are never empty."""
     if capacity_factor > 0:
         return max(1, math.ceil(top_k * capacity_factor * num_tokens / num_experts))
@@ -119,10 +129,8 @@ def route(
     noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std if noise_std > 0 else logits_TE
     scores_TE = torch.softmax(noisy_TE, dim=-1)
     top_TK, experts_TK = scores_TE.topk(k, dim=-1)
-    if config.normalize_gate and k > 1:
-        weights_TK = top_TK / top_TK.sum(-1, keepdim=True)
-    else:
-        weights_TK = top_TK
+    renormalize = config.normalize_gate and k > 1
+    weights_TK = top_TK / top_TK.sum(-1, keepdim=True) if renormalize else top_TK
 
     device = logits_TE.device
     if config.batch_prioritized_routing:

@@ -24,16 +24,40 @@ from flexmoe.routing import _aux_loss, capacity_for
 class GShardMoELayer(nn.Module):
     """Single-process einsum MoE layer with MoELayer's routing semantics and parameter names."""
 
-    def __init__(self, model_dim: int, hidden_dim: int, num_experts: int, *, seed: int = 0, dtype=None, device=None,
-                 group=None, parallelism="adaptive", pipeline_degree="adaptive", all_to_all="auto", **routing):
+    def __init__(
+        self,
+        model_dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        *,
+        seed: int = 0,
+        dtype=None,
+        device=None,
+        group=None,
+        parallelism="adaptive",
+        pipeline_degree="adaptive",
+        all_to_all="auto",
+        **routing,
+    ):
         super().__init__()
         if group is not None:
             raise ValueError("group: the einsum baseline runs on one process only (group=None)")
-        self.config = MoEConfig(model_dim=model_dim, hidden_dim=hidden_dim, num_experts=num_experts, **routing)
-        layout = ExpertLayout(num_experts=num_experts, model_dim=model_dim, hidden_dim=hidden_dim,
-                              activation=self.config.activation)
-        self.gate = build_gate(self.config.gate, model_dim, num_experts,
-                               generator=torch.Generator().manual_seed(seed), device=device)
+        self.config = MoEConfig(
+            model_dim=model_dim, hidden_dim=hidden_dim, num_experts=num_experts, **routing
+        )
+        layout = ExpertLayout(
+            num_experts=num_experts,
+            model_dim=model_dim,
+            hidden_dim=hidden_dim,
+            activation=self.config.activation,
+        )
+        self.gate = build_gate(
+            self.config.gate,
+            model_dim,
+            num_experts,
+            generator=torch.Generator().manual_seed(seed),
+            device=device,
+        )
         self.experts = Experts(layout, seed=seed, bias=self.config.bias, dtype=dtype, device=device)
         self.aux_loss = torch.zeros(())
 
@@ -50,7 +74,11 @@ class GShardMoELayer(nn.Module):
         weights_TK = top_TK / top_TK.sum(-1, keepdim=True) if (c.normalize_gate and k > 1) else top_TK
 
         # priority: reorder tokens (batch-prioritized routing) so that cumsum order is priority order
-        order_T = torch.argsort(-top_TK[:, 0].detach(), stable=True) if c.batch_prioritized_routing else torch.arange(T)
+        order_T = (
+            torch.argsort(-top_TK[:, 0].detach(), stable=True)
+            if c.batch_prioritized_routing
+            else torch.arange(T)
+        )
         masks_KTE = [F.one_hot(experts_TK[order_T, j], E) for j in range(k)]
         demand_E = sum(m.sum(0) for m in masks_KTE)
         max_demand = int(demand_E.max()) if T else 0

@@ -79,9 +79,17 @@ def ffn_forward(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, ...]):
     n = _uniform_size(sizes, R)
     if n is not None:  # one batched GEMM per layer of the FFN
         x_GnM = x_RM.view(G, n, -1)
-        hpre = torch.bmm(x_GnM, w.w1_GMX) if w.b1_GX is None else torch.baddbmm(w.b1_GX.unsqueeze(1), x_GnM, w.w1_GMX)
+        hpre = (
+            torch.bmm(x_GnM, w.w1_GMX)
+            if w.b1_GX is None
+            else torch.baddbmm(w.b1_GX.unsqueeze(1), x_GnM, w.w1_GMX)
+        )
         act = activation_forward(w.activation, hpre)
-        out = torch.bmm(act, w.w2_GHM) if w.b2_GM is None else torch.baddbmm(w.b2_GM.unsqueeze(1), act, w.w2_GHM)
+        out = (
+            torch.bmm(act, w.w2_GHM)
+            if w.b2_GM is None
+            else torch.baddbmm(w.b2_GM.unsqueeze(1), act, w.w2_GHM)
+        )
         return out.view(R, -1), hpre.view(R, -1), act.view(R, -1)
     hpre = x_RM.new_empty(R, w.w1_GMX.shape[2])
     for g, lo, hi in _bounds(sizes):
@@ -99,6 +107,14 @@ def ffn_forward(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, ...]):
             else:
                 torch.addmm(w.b2_GM[g], act[lo:hi], w.w2_GHM[g], out=out[lo:hi])
     return out, hpre, act
+
+
+def _empty_like_zero_unused(t_G: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    out = torch.empty_like(t_G)
+    for g, n in enumerate(sizes):
+        if n == 0:
+            out[g].zero_()
+    return out
 
 
 @dataclass
@@ -139,9 +155,9 @@ def ffn_backward(
         return grads
 
     grad_act = act_RH.new_empty(act_RH.shape)
-    if need_weight_grads:
-        grads.w2_GHM = torch.zeros_like(w.w2_GHM)
-        grads.b2_GM = torch.zeros_like(w.b2_GM) if w.b2_GM is not None else None
+    if need_weight_grads:  # every group with rows overwrites its slice; only empty groups need zeros
+        grads.w2_GHM = _empty_like_zero_unused(w.w2_GHM, sizes)
+        grads.b2_GM = _empty_like_zero_unused(w.b2_GM, sizes) if w.b2_GM is not None else None
     for g, lo, hi in _bounds(sizes):
         if hi > lo:
             go = grad_out_RM[lo:hi]
@@ -152,8 +168,8 @@ def ffn_backward(
                     torch.sum(go, 0, out=grads.b2_GM[g])
     grad_h = activation_backward(w.activation, grad_act, hpre_RX, act_RH)
     if need_weight_grads:
-        grads.w1_GMX = torch.zeros_like(w.w1_GMX)
-        grads.b1_GX = torch.zeros_like(w.b1_GX) if w.b1_GX is not None else None
+        grads.w1_GMX = _empty_like_zero_unused(w.w1_GMX, sizes)
+        grads.b1_GX = _empty_like_zero_unused(w.b1_GX, sizes) if w.b1_GX is not None else None
     if need_input_grad:
         grads.x_RM = x_RM.new_empty(x_RM.shape)
     for g, lo, hi in _bounds(sizes):
@@ -201,4 +217,6 @@ def grouped_expert_ffn(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, .
     """Differentiable grouped FFN; `sizes` are the row counts of each expert, in order."""
     if sum(sizes) != x_RM.shape[0] or len(sizes) != w.num_groups:
         raise ValueError(f"sizes {sizes} must list {w.num_groups} groups summing to {x_RM.shape[0]} rows")
-    return GroupedExpertFFN.apply(x_RM.contiguous(), w.w1_GMX, w.b1_GX, w.w2_GHM, w.b2_GM, sizes, w.activation)
+    return GroupedExpertFFN.apply(
+        x_RM.contiguous(), w.w1_GMX, w.b1_GX, w.w2_GHM, w.b2_GM, sizes, w.activation
+    )

@@ -1,0 +1,242 @@
+"""`flexmoe bench layer`: one-process MoE layer against the einsum baseline, fairscale and two floors.
+
+For each workload, in one run (same process, same threads):
+- flexmoe: MoELayer forward+backward and forward-only (no_grad);
+- padded: the same routing and experts but every capacity slot multiplied (dispatch -> [E, C, M]);
+- einsum: flexmoe.baselines.GShardMoELayer (the Fairseq/GShard one-hot formulation), same weights;
+- fairscale: fairscale.nn.MOELayer with Top2Gate, when installed and k == 2;
+- gemm floor: only the expert GEMMs (6 per expert for fwd+bwd, 2 for fwd) on exactly the kept rows;
+- peak floor: the FLOPs of those GEMMs over the rate of a large square matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import socket
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from flexmoe import MoELayer
+from flexmoe.baselines import GShardMoELayer
+from flexmoe.bench.common import environment, format_table, matmul_rate, median_seconds, write_json
+from flexmoe.dispatch import combine, dispatch
+from flexmoe.ops.expert_ffn import grouped_expert_ffn
+from flexmoe.routing import route
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerWorkload:
+    model_dim: int
+    hidden_dim: int
+    num_experts: int
+    top_k: int
+    tokens: int
+    capacity_factor: float
+
+    @property
+    def name(self) -> str:
+        return (
+            f"M{self.model_dim} H{self.hidden_dim} E{self.num_experts} k{self.top_k} "
+            f"T{self.tokens} cf{self.capacity_factor:g}"
+        )
+
+
+WORKLOADS = (
+    LayerWorkload(model_dim=512, hidden_dim=2048, num_experts=8, top_k=2, tokens=4096, capacity_factor=1.0),
+    LayerWorkload(
+        model_dim=1024, hidden_dim=4096, num_experts=16, top_k=1, tokens=8192, capacity_factor=1.25
+    ),
+    LayerWorkload(model_dim=512, hidden_dim=1024, num_experts=64, top_k=2, tokens=8192, capacity_factor=1.0),
+)
+QUICK_WORKLOADS = (
+    LayerWorkload(model_dim=32, hidden_dim=64, num_experts=4, top_k=2, tokens=128, capacity_factor=1.0),
+    LayerWorkload(model_dim=32, hidden_dim=64, num_experts=8, top_k=1, tokens=128, capacity_factor=1.25),
+)
+
+
+def _fwd_bwd(module, x):
+    def step():
+        module.zero_grad(set_to_none=True)
+        y = module(x)
+        y.float().pow(2).mean().backward()
+
+    return step
+
+
+def _fwd(module, x):
+    def step():
+        with torch.no_grad():
+            module(x)
+
+    return step
+
+
+def _padded_step(layer: MoELayer, x, *, backward: bool):
+    """Same routing and experts, but every capacity slot is multiplied (the padded approach)."""
+    cfg = layer.config
+
+    def forward():
+        x_TM = x.reshape(-1, cfg.model_dim)
+        routing = route(layer.gate(x_TM), cfg.routing(training=layer.training), training=layer.training)
+        buffer_ECM = dispatch(x_TM, routing, is_postscore=cfg.is_postscore)
+        E, C, M = buffer_ECM.shape
+        out = grouped_expert_ffn(buffer_ECM.reshape(E * C, M), layer.experts.local_weights(), (C,) * E)
+        return combine(out.view(E, C, M), routing, is_postscore=cfg.is_postscore)
+
+    def step():
+        if backward:
+            layer.zero_grad(set_to_none=True)
+            forward().pow(2).mean().backward()
+        else:
+            with torch.no_grad():
+                forward()
+
+    return step
+
+
+def _gemm_floor_steps(layer: MoELayer, kept: list[int], dtype):
+    """Only the expert GEMMs on exactly the kept rows, with the same matmul library."""
+    M, H = layer.config.model_dim, layer.config.hidden_dim
+    w1 = layer.experts.fc1_weight.detach()
+    w2 = layer.experts.fc2_weight.detach()
+    rows = [torch.randn(n, M, dtype=dtype) for n in kept]
+    grads = [torch.randn(n, M, dtype=dtype) for n in kept]
+    hidden = [torch.randn(n, w1.shape[2], dtype=dtype) for n in kept]
+
+    def forward():
+        for e, x in enumerate(rows):
+            h = x @ w1[e]
+            _ = h[:, :H] @ w2[e]
+
+    def forward_backward():
+        for e, (x, g, h) in enumerate(zip(rows, grads, hidden, strict=True)):
+            h1 = x @ w1[e]
+            _ = h1[:, :H] @ w2[e]
+            _ = h[:, :H].t() @ g  # grad fc2
+            gh = g @ w2[e].t()  # grad hidden
+            _ = x.t() @ gh  # grad fc1
+            _ = gh @ w1[e][:, :H].t()  # grad x
+
+    return forward_backward, forward
+
+
+def _fairscale_layer(w: LayerWorkload, dtype):
+    try:
+        from fairscale.nn import MOELayer, Top2Gate
+    except ImportError:
+        return None
+    if w.top_k != 2:
+        return None
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(seconds=600),
+        )
+    experts = torch.nn.ModuleList(
+        torch.nn.Sequential(
+            torch.nn.Linear(w.model_dim, w.hidden_dim),
+            torch.nn.GELU(),
+            torch.nn.Linear(w.hidden_dim, w.model_dim),
+        )
+        for _ in range(w.num_experts)
+    )
+    return MOELayer(Top2Gate(w.model_dim, w.num_experts), experts).to(dtype)
+
+
+def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: float, dtype) -> dict:
+    torch.manual_seed(0)
+    kwargs = dict(top_k=w.top_k, capacity_factor=w.capacity_factor, seed=0, dtype=dtype)
+    layer = MoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs)
+    base = GShardMoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs)
+    base.load_state_dict(layer.state_dict())
+    x = torch.randn(w.tokens, w.model_dim, dtype=dtype)
+    layer(x)
+    kept = layer.last_routing.kept_counts
+    rows = sum(kept)
+
+    def timed(step):
+        return median_seconds(step, warmup=warmup, repeats=repeats)
+
+    result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
+    floor_fb, floor_f = _gemm_floor_steps(layer, kept, dtype)
+    result["gemm_floor_fb_s"] = timed(floor_fb)
+    result["gemm_floor_f_s"] = timed(floor_f)
+    flops_fb = 12 * rows * w.model_dim * w.hidden_dim
+    result["peak_floor_fb_s"] = flops_fb / peak_flops
+    result["peak_floor_f_s"] = flops_fb / 3 / peak_flops
+    result["gemm_efficiency"] = result["peak_floor_fb_s"] / result["gemm_floor_fb_s"]
+    result["flexmoe_fb_s"] = timed(_fwd_bwd(layer, x))
+    result["flexmoe_f_s"] = timed(_fwd(layer, x))
+    result["padded_fb_s"] = timed(_padded_step(layer, x, backward=True))
+    result["padded_f_s"] = timed(_padded_step(layer, x, backward=False))
+    result["einsum_fb_s"] = timed(_fwd_bwd(base, x))
+    result["einsum_f_s"] = timed(_fwd(base, x))
+    fairscale = _fairscale_layer(w, dtype)
+    if fairscale is not None:
+        xs = x.view(w.num_experts, -1, w.model_dim)
+        result["fairscale_fb_s"] = timed(_fwd_bwd(fairscale, xs))
+        result["fairscale_f_s"] = timed(_fwd(fairscale, xs))
+    for impl in ("einsum", "fairscale", "padded"):
+        if f"{impl}_fb_s" in result:
+            result[f"speedup_vs_{impl}_fb"] = result[f"{impl}_fb_s"] / result["flexmoe_fb_s"]
+            result[f"speedup_vs_{impl}_f"] = result[f"{impl}_f_s"] / result["flexmoe_f_s"]
+    result["over_gemm_floor_fb"] = result["flexmoe_fb_s"] / result["gemm_floor_fb_s"]
+    result["over_gemm_floor_f"] = result["flexmoe_f_s"] / result["gemm_floor_f_s"]
+    return result
+
+
+COLUMNS = (
+    "workload",
+    "flexmoe_fb_s",
+    "flexmoe_f_s",
+    "einsum_fb_s",
+    "fairscale_fb_s",
+    "padded_fb_s",
+    "gemm_floor_fb_s",
+    "peak_floor_fb_s",
+    "speedup_vs_fairscale_fb",
+    "speedup_vs_einsum_fb",
+    "speedup_vs_padded_fb",
+    "over_gemm_floor_fb",
+    "over_gemm_floor_f",
+    "gemm_efficiency",
+)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="flexmoe bench layer", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny workloads (smoke test)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default="bench_results/layer.json")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    peak = matmul_rate(dtype=dtype)
+    workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    rows = []
+    for w in workloads:
+        rows.append(bench_workload(w, repeats=args.repeats, warmup=args.warmup, peak_flops=peak, dtype=dtype))
+        print(f"done: {w.name}", flush=True)
+    print(format_table(rows, COLUMNS))
+    print(f"square matmul rate: {peak / 1e9:.1f} GFLOP/s ({args.dtype})")
+    payload = {
+        "environment": environment(
+            benchmark="layer", dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, peak_flops=peak
+        ),
+        "results": rows,
+    }
+    path = write_json(args.out, payload)
+    print(f"wrote {path}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return payload

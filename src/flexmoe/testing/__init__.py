@@ -1,0 +1,1 @@
+"""Test helpers shipped with the library (multi-process pools for gloo tests)."""

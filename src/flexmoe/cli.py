@@ -10,8 +10,12 @@ import sys
 COMMANDS = {
     "bench": ("flexmoe.bench", "benchmarks: layer | dist | swin"),
     "plan": ("flexmoe.planner", "predict the best plan for a layer on large clusters"),
+    "train": ("flexmoe.train", "train a SwinV2-MoE (under torchrun for several processes)"),
+    "eval": ("flexmoe.inference", "evaluate a checkpoint on a data set's held-out split"),
+    "predict": ("flexmoe.inference", "classify images with a checkpoint"),
+    "demo": ("flexmoe.demo", "the demo: SwinV2-MoE on MNIST-5k, 2 processes, adaptive runtime"),
 }
-BENCHMARKS = {"layer": "flexmoe.bench.layer"}
+BENCHMARKS = {"layer": "flexmoe.bench.layer", "dist": "flexmoe.bench.dist", "swin": "flexmoe.bench.swin"}
 
 
 def _bench(argv: list[str]) -> None:
@@ -30,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "bench":
         _bench(argv[1:])
     else:
-        importlib.import_module(COMMANDS[args.command][0]).main(argv[1:])
+        module = importlib.import_module(COMMANDS[args.command][0])
+        getattr(module, f"{args.command}_main", module.main)(argv[1:])
 
 
 if __name__ == "__main__":

@@ -45,3 +45,29 @@ def wrap_data_parallel(model: nn.Module, *, group=None, **ddp_kwargs) -> nn.Modu
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, *, group=None) -> float:
+    """Clip by the norm of the WHOLE model's gradient: the replicated parameters (identical on every rank
+    after DDP) counted once, plus every rank's expert shards. Every rank gets the same factor, so the
+    replicated parameters stay identical across ranks."""
+    dense, expert = [], []
+    for p in model.parameters():
+        if p.grad is not None:
+            (expert if is_expert_param(p) else dense).append(p.grad)
+    device = next(model.parameters()).device
+
+    def squares(grads: list[torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for g in grads:
+            total += g.detach().double().pow(2).sum()
+        return total
+
+    expert_sq = squares(expert)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(expert_sq, group=group)
+    norm = float((squares(dense) + expert_sq).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        for g in dense + expert:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm

@@ -97,14 +97,14 @@ def _padded_step(layer: MoELayer, x, *, backward: bool):
     return step
 
 
-def _gemm_floor_steps(layer: MoELayer, kept: list[int], dtype):
+def _gemm_floor_steps(layer: MoELayer, kept: list[int], dtype, device):
     """Only the expert GEMMs on exactly the kept rows, with the same matmul library."""
     M, H = layer.config.model_dim, layer.config.hidden_dim
     w1 = layer.experts.fc1_weight.detach()
     w2 = layer.experts.fc2_weight.detach()
-    rows = [torch.randn(n, M, dtype=dtype) for n in kept]
-    grads = [torch.randn(n, M, dtype=dtype) for n in kept]
-    hidden = [torch.randn(n, w1.shape[2], dtype=dtype) for n in kept]
+    rows = [torch.randn(n, M, dtype=dtype, device=device) for n in kept]
+    grads = [torch.randn(n, M, dtype=dtype, device=device) for n in kept]
+    hidden = [torch.randn(n, w1.shape[2], dtype=dtype, device=device) for n in kept]
 
     def forward():
         for e, x in enumerate(rows):
@@ -152,22 +152,22 @@ def _fairscale_layer(w: LayerWorkload, dtype):
     return MOELayer(Top2Gate(w.model_dim, w.num_experts), experts).to(dtype)
 
 
-def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: float, dtype) -> dict:
+def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: float, dtype, device) -> dict:
     torch.manual_seed(0)
     kwargs = dict(top_k=w.top_k, capacity_factor=w.capacity_factor, seed=0, dtype=dtype)
-    layer = MoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs)
-    base = GShardMoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs)
+    layer = MoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs).to(device)
+    base = GShardMoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs).to(device)
     base.load_state_dict(layer.state_dict())
-    x = torch.randn(w.tokens, w.model_dim, dtype=dtype)
+    x = torch.randn(w.tokens, w.model_dim, dtype=dtype, device=device)
     layer(x)
     kept = layer.last_routing.kept_counts
     rows = sum(kept)
 
     def timed(step):
-        return median_seconds(step, warmup=warmup, repeats=repeats)
+        return median_seconds(step, warmup=warmup, repeats=repeats, device=device)
 
     result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
-    floor_fb, floor_f = _gemm_floor_steps(layer, kept, dtype)
+    floor_fb, floor_f = _gemm_floor_steps(layer, kept, dtype, device)
     result["gemm_floor_fb_s"] = timed(floor_fb)
     result["gemm_floor_f_s"] = timed(floor_f)
     flops_fb = 12 * rows * w.model_dim * w.hidden_dim
@@ -180,7 +180,7 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: f
     result["padded_f_s"] = timed(_padded_step(layer, x, backward=False))
     result["einsum_fb_s"] = timed(_fwd_bwd(base, x))
     result["einsum_f_s"] = timed(_fwd(base, x))
-    fairscale = _fairscale_layer(w, dtype)
+    fairscale = _fairscale_layer(w, dtype) if torch.device(device).type == "cpu" else None
     if fairscale is not None:
         xs = x.view(w.num_experts, -1, w.model_dim)
         result["fairscale_fb_s"] = timed(_fwd_bwd(fairscale, xs))
@@ -219,19 +219,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default="bench_results/layer.json")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fairscale runs on cpu only)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    peak = matmul_rate(dtype=dtype)
+    peak = matmul_rate(dtype=dtype, device=args.device, size=2048 if args.device == "cpu" else 8192)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
     rows = []
     for w in workloads:
-        rows.append(bench_workload(w, repeats=args.repeats, warmup=args.warmup, peak_flops=peak, dtype=dtype))
+        rows.append(
+            bench_workload(
+                w, repeats=args.repeats, warmup=args.warmup, peak_flops=peak, dtype=dtype, device=args.device
+            )
+        )
         print(f"done: {w.name}", flush=True)
     print(format_table(rows, COLUMNS))
     print(f"square matmul rate: {peak / 1e9:.1f} GFLOP/s ({args.dtype})")
     payload = {
         "environment": environment(
-            benchmark="layer", dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, peak_flops=peak
+            benchmark="layer",
+            dtype=args.dtype,
+            device=args.device,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            peak_flops=peak,
         ),
         "results": rows,
     }

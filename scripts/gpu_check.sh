@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The CUDA path in one short call (for a lent GPU machine): the GPU tests, then the layer benchmark on
+# the GPU in float32 and bfloat16. Writes JSON under bench_results/ (or $OUT when the device tool sets it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT_DIR=${OUT:-bench_results}
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+"$PY" -m pytest -q -m gpu tests/test_gpu.py
+"$PY" -m flexmoe.cli bench layer --device cuda --dtype float32 --repeats 10 --warmup 3 --out "$OUT_DIR/layer_cuda_fp32.json"
+"$PY" -m flexmoe.cli bench layer --device cuda --dtype bfloat16 --repeats 10 --warmup 3 --out "$OUT_DIR/layer_cuda_bf16.json"

@@ -220,10 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="bench_results/layer.json")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fairscale runs on cpu only)")
+    parser.add_argument("--only", type=int, action="append", help="run only these workload numbers (0-based)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     peak = matmul_rate(dtype=dtype, device=args.device, size=2048 if args.device == "cpu" else 8192)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    if args.only:
+        workloads = [workloads[i] for i in args.only]
     rows = []
     for w in workloads:
         rows.append(

@@ -54,9 +54,9 @@ def test_planner_prints_every_world_size(capsys):
     assert w2048["s"] == 32 and w2048["speedup"] >= 1.0
 
 
-def _tuner(costs: dict[Plan, float], config=TunerConfig(max_candidates=3, trials_per_candidate=2)):
-    plans = list(costs)
-    return PlanTuner(plans, lambda capacity: sorted(costs.items(), key=lambda kv: kv[1]), config=config)
+def _tuner(costs: dict[Plan, float]):
+    config = TunerConfig(max_candidates=3, trials_per_candidate=2)
+    return PlanTuner(list(costs), lambda capacity: sorted(costs.items(), key=lambda kv: kv[1]), config=config)
 
 
 def test_tuner_explores_the_best_predicted_candidates_then_keeps_the_fastest_measured():

@@ -1,0 +1,288 @@
+"""`flexmoe train`: SwinV2-MoE image classification, one process or many (launch with torchrun).
+
+Data-parallel over the ranks for the replicated parameters (DDP), expert parallel for the experts
+(the MoE layers run whatever plan the tuner picks), global-norm gradient clipping, AdamW with the
+usual no-decay set, linear warm-up + cosine schedule, evaluation every epoch, sharded checkpoints
+(resume with --resume), metrics JSON and plots written by the first rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from flexmoe.checkpoint import load_checkpoint, save_checkpoint
+from flexmoe.data import DataSplit, load_split
+from flexmoe.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
+from flexmoe.models import create_model
+from flexmoe.reporting import EpochLog, write_report
+
+NO_DECAY_MARKERS = ("cpb", "logit_scale", "temperature", "norm", "bias", "position")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    model: str = "swinv2_moe_tiny"
+    data: str = "mnist_5k"
+    test_fraction: float = 0.2
+    limit: int | None = None  # keep about this many images (quick runs)
+    epochs: int = 4
+    batch_size: int = 64  # per rank
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.1
+    shift_augment: int = 2  # random translation by up to this many pixels
+    seed: int = 0
+    out_dir: str = "runs/train"
+    resume: bool = False
+    max_steps_per_epoch: int | None = None
+    model_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun set up (if any); gloo on CPU, NCCL on CUDA."""
+    if not dist.is_initialized() and dist.is_torchelastic_launched():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
+    if not dist.is_initialized():
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local = rank % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim <= 1 or any(marker in name for marker in NO_DECAY_MARKERS)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def random_shift(x_BCHW: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate every image by up to `pixels` in each direction (background-filled)."""
+    if pixels == 0:
+        return x_BCHW
+    B, _, H, W = x_BCHW.shape
+    padded = F.pad(x_BCHW, (pixels,) * 4, value=float(x_BCHW.min()) if x_BCHW.numel() else 0.0)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2, B), generator=generator).tolist()
+    return torch.stack([padded[b, :, dy[b] : dy[b] + H, dx[b] : dx[b] + W] for b in range(B)])
+
+
+def _rank_batches(n: int, batch: int, rank: int, world: int, epoch: int, seed: int, cap: int | None):
+    """Every rank gets the same number of batches (collectives inside the MoE layers need it)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    steps = n // (batch * world)
+    if cap is not None:
+        steps = min(steps, cap)
+    return [order[(s * world + rank) * batch : (s * world + rank + 1) * batch] for s in range(steps)]
+
+
+def evaluate(model, split: DataSplit, *, batch: int, rank: int, world: int, device) -> tuple[float, float]:
+    """(accuracy, mean loss) over the whole test set, every rank evaluating an equal share."""
+    model.eval()
+    n = len(split.test)
+    per_rank = math.ceil(n / world)
+    # equal shares (the MoE layers' collectives need the same number of forwards everywhere): the last
+    # share is padded with image 0, counted with weight 0
+    index = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    weight = (index < n).double().to(device)
+    index = torch.where(index < n, index, torch.zeros_like(index))
+    stats = torch.zeros(3, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for start in range(0, per_rank, batch):
+            idx, w = index[start : start + batch], weight[start : start + batch]
+            x, y = split.test.images[idx].to(device), split.test.labels[idx].to(device)
+            logits = model(x)
+            stats[0] += ((logits.argmax(-1) == y).double() * w).sum()
+            stats[1] += (F.cross_entropy(logits.double(), y, reduction="none") * w).sum()
+            stats[2] += w.sum()
+    if world > 1:
+        dist.all_reduce(stats)
+    model.train()
+    return float(stats[0] / stats[2]), float(stats[1] / stats[2])
+
+
+def moe_layers(model) -> list:
+    inner = unwrap(model)
+    return inner.moe_layers() if hasattr(inner, "moe_layers") else []
+
+
+def train(config: TrainConfig) -> dict:
+    rank, world, device = init_distributed()
+    out = Path(config.out_dir)
+    torch.manual_seed(config.seed)  # identical replicated parameters on every rank
+    split = load_split(config.data, test_fraction=config.test_fraction, seed=config.seed, limit=config.limit)
+    C, H, W = split.image_shape
+    overrides = dict(img_size=H, in_chans=C, num_classes=split.num_classes, **config.model_overrides)
+    model = create_model(config.model, **overrides).to(device)
+    model = wrap_data_parallel(model)
+    optimizer = torch.optim.AdamW(param_groups(unwrap(model), config.weight_decay), lr=config.lr)
+    steps_per_epoch = len(
+        _rank_batches(
+            len(split.train), config.batch_size, rank, world, 0, config.seed, config.max_steps_per_epoch
+        )
+    )
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size={config.batch_size} x {world} ranks exceeds the {len(split.train)} images"
+        )
+    total = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total, max(1, int(config.warmup_fraction * total)))
+    )
+    history: list[EpochLog] = []
+    start_epoch = 0
+    checkpoint_dir = out / "checkpoint"
+    if config.resume:
+        state = load_checkpoint(checkpoint_dir, unwrap(model), optimizer, scheduler=schedule)
+        start_epoch = state["extra"]["epoch"] + 1
+        history = [EpochLog(**e) for e in state["extra"]["history"]]
+    augment = torch.Generator().manual_seed(config.seed * 7 + rank)
+    show = rank == 0
+    for epoch in range(start_epoch, config.epochs):
+        batches = _rank_batches(
+            len(split.train), config.batch_size, rank, world, epoch, config.seed, config.max_steps_per_epoch
+        )
+        loss_sum, images, started = 0.0, 0, time.perf_counter()
+        load = [torch.zeros(layer.config.num_experts) for layer in moe_layers(model)]
+        progress = _progress(len(batches), f"epoch {epoch + 1}/{config.epochs}", enabled=show)
+        for index in batches:
+            x = random_shift(split.train.images[index], config.shift_augment, augment).to(device)
+            y = split.train.labels[index].to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing) + unwrap(model).aux_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_grad_norm(model, config.grad_clip)
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(index)
+            images += len(index)
+            for i, layer in enumerate(moe_layers(model)):
+                load[i] += layer.last_routing.demand_E.float().cpu()
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.close()
+        seconds = time.perf_counter() - started
+        accuracy, test_loss = evaluate(model, split, batch=256, rank=rank, world=world, device=device)
+        train_loss = torch.tensor([loss_sum, images], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(train_loss)
+        history.append(
+            EpochLog(
+                epoch=epoch,
+                train_loss=float(train_loss[0] / train_loss[1]),
+                test_loss=test_loss,
+                test_accuracy=accuracy,
+                images_per_s=float(train_loss[1]) / seconds,
+                seconds=seconds,
+                expert_load=[(v / v.sum().clamp_min(1)).tolist() for v in load],
+            )
+        )
+        if show:
+            h = history[-1]
+            print(
+                f"epoch {epoch + 1}: train_loss={h.train_loss:.4f} test_loss={h.test_loss:.4f} "
+                f"test_accuracy={h.test_accuracy:.4f} images/s={h.images_per_s:.1f}",
+                flush=True,
+            )
+        save_checkpoint(
+            checkpoint_dir,
+            unwrap(model),
+            optimizer,
+            scheduler=schedule,
+            step=(epoch + 1) * steps_per_epoch,
+            extra={
+                "epoch": epoch,
+                "history": [asdict(h) for h in history],
+                "model_shape": dict(img_size=H, in_chans=C, num_classes=split.num_classes),
+                "config": json.loads(json.dumps(asdict(config), default=str)),
+            },
+        )
+    result = write_report(
+        out, config=asdict(config), history=history, layers=moe_layers(model), world_size=world, write=show
+    )
+    if show:
+        print(f"test_accuracy={result['test_accuracy']:.4f}", flush=True)
+    return result
+
+
+def _progress(total: int, desc: str, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(prog="flexmoe train", description=__doc__)
+    p.add_argument("--model", default=defaults.model)
+    p.add_argument(
+        "--data", default=defaults.data, help="mnist_5k | digits | a folder of class folders | .npz"
+    )
+    for name in ("epochs", "batch_size", "seed", "shift_augment"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "weight_decay", "warmup_fraction", "grad_clip", "label_smoothing", "test_fraction"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--out-dir", default=defaults.out_dir)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="override a model config field, e.g. --set num_experts=4 --set gate='\"cosine\"'",
+    )
+    args = p.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    values = {k: v for k, v in vars(args).items() if k != "set"}
+    return TrainConfig(**values, model_overrides=overrides)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    result = train(parse_args(argv))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result

@@ -171,7 +171,7 @@ class MoELayer(nn.Module):
             layer_shape = LayerShape(capacity=capacity, tokens=capacity * c.num_experts // c.top_k, **shape)
             return model.rank(layer_shape, plans)
 
-        return PlanTuner(plans, rank_plans, config=config, group=self.group, device=device)
+        return PlanTuner(plans, rank_plans, config=config, group=self.group)
 
     def _fixed_plan(self) -> Plan:
         c = self.config
@@ -247,7 +247,7 @@ class MoELayer(nn.Module):
         """A tuner trial's time: this layer's forward, plus its backward when one will run."""
         forward_s = time.perf_counter() - started
         if not (self.training and y_TM.requires_grad and x_TM.requires_grad):
-            self.tuner.record(capacity, plan, forward_s)
+            self.tuner.record(capacity, plan, forward_s, training=self.training)
             return
         backward_start = []
         y_TM.register_hook(lambda g: backward_start.append(time.perf_counter()))
@@ -272,7 +272,7 @@ class MoELayer(nn.Module):
             agree_capacity=self._agree_capacity(plan, x.device),
         )
         if plan is None:
-            plan, source = self.tuner.choose(routing.capacity)
+            plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
         plan, strategy = self._strategy(plan)
         routing = routing.padded_to(strategy.capacity_multiple)
         y_TM = strategy(

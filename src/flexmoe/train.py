@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/train"
     resume: bool = False
+    stop_after: int | None = None  # train only this many epochs in this run (continue with --resume)
     max_steps_per_epoch: int | None = None
     model_overrides: dict = field(default_factory=dict)
 
@@ -136,6 +137,47 @@ def evaluate(model, split: DataSplit, *, batch: int, rank: int, world: int, devi
     return float(stats[0] / stats[2]), float(stats[1] / stats[2])
 
 
+def _train_epoch(model, optimizer, schedule, split, batches, config, augment, device, progress):
+    """One epoch of steps; returns (summed loss, images, seconds, per-layer expert demand)."""
+    loss_sum, images, started = 0.0, 0, time.perf_counter()
+    load = [torch.zeros(layer.config.num_experts) for layer in moe_layers(model)]
+    for index in batches:
+        x = random_shift(split.train.images[index], config.shift_augment, augment).to(device)
+        y = split.train.labels[index].to(device)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing) + unwrap(model).aux_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grad_norm(model, config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        loss_sum += loss.item() * len(index)
+        images += len(index)
+        for i, layer in enumerate(moe_layers(model)):
+            load[i] += layer.last_routing.demand_E.float().cpu()
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.3f}")
+    progress.close()
+    return loss_sum, images, time.perf_counter() - started, load
+
+
+def _rng_states(augment: torch.Generator, world: int) -> list[dict]:
+    """Every rank's random state (gate noise, dropout, augmentation), so a resumed run continues
+    exactly where the saved one stopped."""
+    mine = {"torch": torch.get_rng_state(), "augment": augment.get_state()}
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _restore_rng(states: list[dict], rank: int, augment: torch.Generator) -> None:
+    if rank < len(states):
+        torch.set_rng_state(states[rank]["torch"])
+        augment.set_state(states[rank]["augment"])
+
+
 def moe_layers(model) -> list:
     inner = unwrap(model)
     return inner.moe_layers() if hasattr(inner, "moe_layers") else []
@@ -167,37 +209,22 @@ def train(config: TrainConfig) -> dict:
     history: list[EpochLog] = []
     start_epoch = 0
     checkpoint_dir = out / "checkpoint"
+    augment = torch.Generator().manual_seed(config.seed * 7 + rank)
     if config.resume:
         state = load_checkpoint(checkpoint_dir, unwrap(model), optimizer, scheduler=schedule)
         start_epoch = state["extra"]["epoch"] + 1
         history = [EpochLog(**e) for e in state["extra"]["history"]]
-    augment = torch.Generator().manual_seed(config.seed * 7 + rank)
+        _restore_rng(state["extra"]["rng"], rank, augment)
     show = rank == 0
-    for epoch in range(start_epoch, config.epochs):
+    stop = config.epochs if config.stop_after is None else min(config.epochs, start_epoch + config.stop_after)
+    for epoch in range(start_epoch, stop):
         batches = _rank_batches(
             len(split.train), config.batch_size, rank, world, epoch, config.seed, config.max_steps_per_epoch
         )
-        loss_sum, images, started = 0.0, 0, time.perf_counter()
-        load = [torch.zeros(layer.config.num_experts) for layer in moe_layers(model)]
         progress = _progress(len(batches), f"epoch {epoch + 1}/{config.epochs}", enabled=show)
-        for index in batches:
-            x = random_shift(split.train.images[index], config.shift_augment, augment).to(device)
-            y = split.train.labels[index].to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing) + unwrap(model).aux_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_grad_norm(model, config.grad_clip)
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(index)
-            images += len(index)
-            for i, layer in enumerate(moe_layers(model)):
-                load[i] += layer.last_routing.demand_E.float().cpu()
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
-        progress.close()
-        seconds = time.perf_counter() - started
+        loss_sum, images, seconds, load = _train_epoch(
+            model, optimizer, schedule, split, batches, config, augment, device, progress
+        )
         accuracy, test_loss = evaluate(model, split, batch=256, rank=rank, world=world, device=device)
         train_loss = torch.tensor([loss_sum, images], dtype=torch.float64, device=device)
         if world > 1:
@@ -231,6 +258,7 @@ def train(config: TrainConfig) -> dict:
                 "history": [asdict(h) for h in history],
                 "model_shape": dict(img_size=H, in_chans=C, num_classes=split.num_classes),
                 "config": json.loads(json.dumps(asdict(config), default=str)),
+                "rng": _rng_states(augment, world),
             },
         )
     result = write_report(
@@ -260,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--stop-after", type=int, default=None, help="epochs to run now; continue with --resume")
     p.add_argument("--out-dir", default=defaults.out_dir)
     p.add_argument("--resume", action="store_true")
     p.add_argument(

@@ -3,7 +3,8 @@
 A new bucket (floor(capacity / bucket_size)) is explored: the candidate plans are ranked by the cost
 model, the best few are run for a few steps each and timed (forward, plus backward when there is
 one), the medians are agreed across ranks (all-reduce MAX, so every rank picks the same plan), and
-the winner is used until the bucket changes. All ranks see the same capacity (it is agreed before
+the winner is used until the bucket changes. Training (forward + backward) and inference (forward
+only) keep separate tables: their best plans differ. All ranks see the same capacity (it is agreed before
 the plan is chosen), so they walk the same candidates in the same order.
 """
 
@@ -51,22 +52,22 @@ class PlanTuner:
     Which candidate a trial runs is decided by the count of exploring calls, never by which timings
     arrived, so every rank walks the candidates in lockstep even if a rank misses a measurement."""
 
-    def __init__(self, candidates: list[Plan], rank_plans, *, config: TunerConfig, group=None, device=None):
+    def __init__(self, candidates: list[Plan], rank_plans, *, config: TunerConfig, group=None):
         self.all_candidates = candidates
         self.rank_plans = rank_plans  # capacity -> [(plan, predicted seconds)] best first
         self.config = config
         self.group = group
-        self.device = device
-        self.buckets: dict[int, BucketState] = {}
+        self.buckets: dict[tuple[str, int], BucketState] = {}
         self.decisions: list[dict] = []
 
-    def bucket(self, capacity: int) -> int:
-        return capacity // self.config.bucket_size
+    def bucket(self, capacity: int, training: bool) -> tuple[str, int]:
+        return ("train" if training else "eval", capacity // self.config.bucket_size)
 
-    def choose(self, capacity: int) -> tuple[Plan, str]:
+    def choose(self, capacity: int, *, training: bool = True, device=None) -> tuple[Plan, str]:
+        """`device`: where the agreement all-reduce runs (the layer's; NCCL needs CUDA tensors)."""
         if len(self.all_candidates) == 1:
             return self.all_candidates[0], "tuner"
-        key = self.bucket(capacity)
+        key = self.bucket(capacity, training)
         state = self.buckets.get(key)
         if state is None:
             ranked = self.rank_plans(capacity)[: self.config.max_candidates]
@@ -76,31 +77,32 @@ class PlanTuner:
             return state.best, "tuner"
         trial = state.explore_calls // self.config.trials_per_candidate
         if trial >= len(state.candidates):
-            self._decide(key, state)
+            self._decide(key, state, device)
             return state.best, "tuner"
         state.explore_calls += 1
         return state.candidates[trial], "tuner-explore"
 
-    def record(self, capacity: int, plan: Plan, seconds: float) -> None:
-        state = self.buckets.get(self.bucket(capacity))
+    def record(self, capacity: int, plan: Plan, seconds: float, *, training: bool = True) -> None:
+        state = self.buckets.get(self.bucket(capacity, training))
         if state is None or state.best is not None:
             return
         state.timings.setdefault(plan, []).append(seconds)
         state.explore_seconds += seconds
 
-    def _decide(self, key: int, state: BucketState) -> None:
+    def _decide(self, key: tuple[str, int], state: BucketState, device) -> None:
         medians = [
             statistics.median(state.timings[p]) if state.timings.get(p) else float("inf")
             for p in state.candidates
         ]
-        agreed = torch.tensor(medians, dtype=torch.float64, device=self.device)
+        agreed = torch.tensor(medians, dtype=torch.float64, device=device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)  # the slowest rank decides
         state.agreed = dict(zip(state.candidates, agreed.tolist(), strict=True))
         state.best = min(state.candidates, key=lambda p: state.agreed[p])
         self.decisions.append(
             {
-                "bucket": key,
+                "phase": key[0],
+                "bucket": key[1],
                 "plan": state.best.describe(),
                 "seconds": state.agreed[state.best],
                 "explore_steps": state.explore_calls,
@@ -115,7 +117,8 @@ class PlanTuner:
                 times = state.timings.get(plan, [])
                 rows.append(
                     {
-                        "bucket": key,
+                        "phase": key[0],
+                        "bucket": key[1],
                         "plan": plan.describe(),
                         "predicted_s": state.predicted.get(plan),
                         "measured_s": state.agreed.get(plan, statistics.median(times) if times else None),

@@ -70,11 +70,6 @@ class ExpertLayout:
         return self.model_dim // self.shards_per_expert
 
     @property
-    def fc1_width(self) -> int:
-        """Columns of one fc1 shard: swiglu keeps its gate and up halves side by side."""
-        return 2 * self.hidden_shard if self.activation == "swiglu" else self.hidden_shard
-
-    @property
     def first_expert(self) -> int:
         """Global index of this rank's first local expert."""
         if self.shards_per_expert > 1:

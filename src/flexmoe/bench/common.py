@@ -32,6 +32,25 @@ def median_seconds(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 
     return statistics.median(times)
 
 
+def interleaved_medians(
+    steps: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 3, device=None
+) -> dict[str, float]:
+    """Median seconds of each step, measured in rounds that run every step once (A B C A B C ...), so
+    that drift in a shared machine's speed does not favour whichever ran first."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def matmul_rate(*, size: int = 2048, dtype=torch.float32, device="cpu", repeats: int = 5) -> float:
     """FLOP/s of a large square matmul: the machine's practical peak for the peak floor."""
     a = torch.randn(size, size, dtype=dtype, device=device)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from flexmoe import MoELayer
 from flexmoe.baselines import GShardMoELayer
-from flexmoe.bench.common import environment, format_table, matmul_rate, median_seconds, write_json
+from flexmoe.bench.common import environment, format_table, interleaved_medians, matmul_rate, write_json
 from flexmoe.dispatch import combine, dispatch
 from flexmoe.ops.expert_ffn import grouped_expert_ffn
 from flexmoe.routing import route
@@ -163,28 +163,28 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: f
     kept = layer.last_routing.kept_counts
     rows = sum(kept)
 
-    def timed(step):
-        return median_seconds(step, warmup=warmup, repeats=repeats, device=device)
-
-    result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
     floor_fb, floor_f = _gemm_floor_steps(layer, kept, dtype, device)
-    result["gemm_floor_fb_s"] = timed(floor_fb)
-    result["gemm_floor_f_s"] = timed(floor_f)
+    steps = {
+        "gemm_floor_fb_s": floor_fb,
+        "gemm_floor_f_s": floor_f,
+        "flexmoe_fb_s": _fwd_bwd(layer, x),
+        "flexmoe_f_s": _fwd(layer, x),
+        "padded_fb_s": _padded_step(layer, x, backward=True),
+        "padded_f_s": _padded_step(layer, x, backward=False),
+        "einsum_fb_s": _fwd_bwd(base, x),
+        "einsum_f_s": _fwd(base, x),
+    }
+    fairscale = _fairscale_layer(w, dtype) if torch.device(device).type == "cpu" else None
+    if fairscale is not None:
+        xs = x.view(w.num_experts, -1, w.model_dim)
+        steps.update(fairscale_fb_s=_fwd_bwd(fairscale, xs), fairscale_f_s=_fwd(fairscale, xs))
+    # interleaved rounds: a slow spell of this shared machine hits every implementation alike
+    result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
+    result.update(interleaved_medians(steps, warmup=warmup, repeats=repeats, device=device))
     flops_fb = 12 * rows * w.model_dim * w.hidden_dim
     result["peak_floor_fb_s"] = flops_fb / peak_flops
     result["peak_floor_f_s"] = flops_fb / 3 / peak_flops
     result["gemm_efficiency"] = result["peak_floor_fb_s"] / result["gemm_floor_fb_s"]
-    result["flexmoe_fb_s"] = timed(_fwd_bwd(layer, x))
-    result["flexmoe_f_s"] = timed(_fwd(layer, x))
-    result["padded_fb_s"] = timed(_padded_step(layer, x, backward=True))
-    result["padded_f_s"] = timed(_padded_step(layer, x, backward=False))
-    result["einsum_fb_s"] = timed(_fwd_bwd(base, x))
-    result["einsum_f_s"] = timed(_fwd(base, x))
-    fairscale = _fairscale_layer(w, dtype) if torch.device(device).type == "cpu" else None
-    if fairscale is not None:
-        xs = x.view(w.num_experts, -1, w.model_dim)
-        result["fairscale_fb_s"] = timed(_fwd_bwd(fairscale, xs))
-        result["fairscale_f_s"] = timed(_fwd(fairscale, xs))
     for impl in ("einsum", "fairscale", "padded"):
         if f"{impl}_fb_s" in result:
             result[f"speedup_vs_{impl}_fb"] = result[f"{impl}_fb_s"] / result["flexmoe_fb_s"]

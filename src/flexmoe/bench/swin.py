@@ -13,7 +13,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from flexmoe.bench.common import environment, format_table, median_seconds, write_json
+from flexmoe.bench.common import environment, format_table, interleaved_medians, write_json
 from flexmoe.models import create_model
 
 CONFIG = dict(
@@ -30,6 +30,8 @@ CONFIG = dict(
     drop_path_rate=0.0,
     seed=0,
 )
+# the Swin-MoE placement (odd blocks of the last two stages) leaves the MoE layers few tokens at 32 px
+PLACEMENTS = {"every other block, all stages": CONFIG, "Swin-MoE (stages 3-4)": dict(CONFIG, moe_blocks=None)}
 QUICK = dict(CONFIG, img_size=16, embed_dim=16, num_heads=(1, 2, 4, 8), num_experts=4)
 
 
@@ -45,8 +47,9 @@ def _models(config: dict):
 def bench(config: dict, *, batch: int, repeats: int, warmup: int) -> list[dict]:
     x = torch.randn(batch, config["in_chans"], config["img_size"], config["img_size"])
     y = torch.randint(0, config["num_classes"], (batch,))
-    rows = []
-    for name, model in _models(config).items():
+    models = _models(config)
+    steps = {}
+    for name, model in models.items():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def train_step(model=model, optimizer=optimizer):
@@ -61,17 +64,18 @@ def bench(config: dict, *, batch: int, repeats: int, warmup: int) -> list[dict]:
             with torch.no_grad():
                 model(x)
 
-        train_s = median_seconds(train_step, warmup=warmup, repeats=repeats)
-        infer_s = median_seconds(infer_step, warmup=warmup, repeats=repeats)
-        rows.append(
-            {
-                "implementation": name,
-                "train_images_per_s": batch / train_s,
-                "infer_images_per_s": batch / infer_s,
-                "train_step_s": train_s,
-                "infer_step_s": infer_s,
-            }
-        )
+        steps[f"{name}_train"], steps[f"{name}_infer"] = train_step, infer_step
+    seconds = interleaved_medians(steps, warmup=warmup, repeats=repeats)
+    rows = [
+        {
+            "implementation": name,
+            "train_images_per_s": batch / seconds[f"{name}_train"],
+            "infer_images_per_s": batch / seconds[f"{name}_infer"],
+            "train_step_s": seconds[f"{name}_train"],
+            "infer_step_s": seconds[f"{name}_infer"],
+        }
+        for name in models
+    ]
     flex, einsum = rows
     for key in ("train", "infer"):
         flex[f"{key}_speedup"] = flex[f"{key}_images_per_s"] / einsum[f"{key}_images_per_s"]
@@ -86,17 +90,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="bench_results/swin.json")
     args = parser.parse_args(argv)
-    config = QUICK if args.quick else CONFIG
-    rows = bench(config, batch=args.batch, repeats=args.repeats, warmup=args.warmup)
-    print(
-        format_table(
-            rows,
-            ("implementation", "train_images_per_s", "infer_images_per_s", "train_speedup", "infer_speedup"),
-        )
+    configs = {"quick": QUICK} if args.quick else PLACEMENTS
+    rows = []
+    for placement, config in configs.items():
+        for row in bench(config, batch=args.batch, repeats=args.repeats, warmup=args.warmup):
+            rows.append({"moe_placement": placement, **row})
+        print(f"done: {placement}", flush=True)
+    columns = (
+        "moe_placement",
+        "implementation",
+        "train_images_per_s",
+        "infer_images_per_s",
+        "train_speedup",
+        "infer_speedup",
     )
+    print(format_table(rows, columns))
     payload = {
         "environment": environment(
-            benchmark="swin", batch=args.batch, repeats=args.repeats, warmup=args.warmup, model=config
+            benchmark="swin", batch=args.batch, repeats=args.repeats, warmup=args.warmup, models=configs
         ),
         "results": rows,
     }

@@ -1,0 +1,26 @@
+"""The benchmarks keep running (tiny workloads; the timings themselves are never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from flexmoe.bench.layer import main as bench_layer
+from flexmoe.bench.swin import main as bench_swin
+
+
+def test_layer_benchmark_quick(tmp_path):
+    payload = bench_layer(["--quick", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "l.json")])
+    saved = json.loads((tmp_path / "l.json").read_text())
+    assert saved["environment"]["torch"] and len(saved["results"]) == len(payload["results"]) == 2
+    first = saved["results"][0]
+    for key in ("flexmoe_fb_s", "einsum_fb_s", "padded_fb_s", "gemm_floor_fb_s", "speedup_vs_einsum_fb"):
+        assert first[key] > 0
+    assert first["kept_rows"] <= first["tokens"] * first["top_k"]
+
+
+def test_swin_benchmark_quick(tmp_path):
+    payload = bench_swin(
+        ["--quick", "--batch", "4", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "s.json")]
+    )
+    assert [r["implementation"] for r in payload["results"]] == ["flexmoe", "einsum"]
+    assert payload["results"][0]["train_speedup"] > 0

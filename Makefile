@@ -32,7 +32,7 @@ bench-swin: $(STAMP)
 	$(BIN)/flexmoe bench swin
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
 gpu-check: $(STAMP)

@@ -8,6 +8,7 @@ pipelined exchange of d chunks overlaps the all-to-alls with the GEMMs:
     t(d) = a + c + a + (d - 1) * max(2a, c)    with a = A / d + latency, c = compute / d
 
 (dispatch and return share the network, so a chunk's two all-to-alls serialise with each other).
+A cluster's `overlap` scales how much of that ideal hiding is real: t = serial - overlap * (serial - t(d)).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flexmoe.layout import divisors
+from flexmoe.layout import divisors, local_experts, shards_per_expert
 from flexmoe.plans import STATIC_DEFAULT, Plan
 
 
@@ -33,6 +34,9 @@ class ClusterSpec:
     flops: float  # sustained GEMM FLOP/s at the layer's dtype
     memory_bandwidth: float  # bytes/s for layout transforms
     launch_overhead: float = 10e-6  # fixed cost per collective or kernel batch
+    # share of the ideal all-to-all/compute overlap that is real: ~1 where the network moves data on its
+    # own (NCCL on GPUs), ~0 where communication needs the same cores as the GEMMs (gloo on a 2-core CPU)
+    overlap: float = 1.0
 
     def __post_init__(self) -> None:
         for field in ("gpus_per_node", "intra_bandwidth", "inter_bandwidth", "flops", "memory_bandwidth"):
@@ -69,6 +73,7 @@ PRESETS = {
     ),
     # This kind of development machine: 2 CPU cores, gloo over loopback (about 0.4 GB/s all-to-all, see
     # `flexmoe bench dist`), fp32 GEMMs at about 70 GFLOP/s; `calibrate` measures the real figures.
+    # `flexmoe bench dist` measured no gain from d > 1 on it (gloo and the GEMMs share the 2 cores).
     "cpu-gloo": ClusterSpec(
         name="CPU processes, gloo over loopback",
         gpus_per_node=64,
@@ -79,6 +84,7 @@ PRESETS = {
         flops=70e9,
         memory_bandwidth=5e9,
         launch_overhead=200e-6,
+        overlap=0.0,
     ),
 }
 
@@ -101,11 +107,11 @@ class LayerShape:
 
     @property
     def shards_per_expert(self) -> int:
-        return max(1, self.world_size // self.num_experts)
+        return shards_per_expert(self.num_experts, self.world_size)
 
     @property
     def local_experts(self) -> int:
-        return max(1, self.num_experts // self.world_size)
+        return local_experts(self.num_experts, self.world_size)
 
     @property
     def expert_params(self) -> int:
@@ -175,7 +181,9 @@ class CostModel:
         total = 0.0
         for share in (1 / 3, 2 / 3):
             chunk = compute * share / plan.d
-            total += 2 * a + chunk + (plan.d - 1) * max(2 * a, chunk)
+            serial = plan.d * (2 * a + chunk)
+            overlapped = 2 * a + chunk + (plan.d - 1) * max(2 * a, chunk)
+            total += serial - c.overlap * (serial - overlapped)
         return total + 2 * gather
 
     def rank(self, shape: LayerShape, plans: list[Plan]) -> list[tuple[Plan, float]]:

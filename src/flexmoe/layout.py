@@ -21,6 +21,16 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def shards_per_expert(num_experts: int, world_size: int) -> int:
+    """s = W / E ranks share one expert when E < W, else 1."""
+    return max(1, world_size // num_experts)
+
+
+def local_experts(num_experts: int, world_size: int) -> int:
+    """Experts whose parameters live (whole or in part) on one rank."""
+    return max(1, num_experts // world_size)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExpertLayout:
     """Which slice of which expert this rank holds; pure arithmetic, no tensors."""
@@ -54,12 +64,11 @@ class ExpertLayout:
     # -- sizes -------------------------------------------------------------------------------------
     @property
     def shards_per_expert(self) -> int:
-        """s = W / E ranks share one expert when E < W, else 1."""
-        return max(1, self.world_size // self.num_experts)
+        return shards_per_expert(self.num_experts, self.world_size)
 
     @property
     def local_experts(self) -> int:
-        return max(1, self.num_experts // self.world_size)
+        return local_experts(self.num_experts, self.world_size)
 
     @property
     def hidden_shard(self) -> int:

@@ -91,22 +91,22 @@ def ffn_forward(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, ...]):
             else torch.baddbmm(w.b2_GM.unsqueeze(1), act, w.w2_GHM)
         )
         return out.view(R, -1), hpre.view(R, -1), act.view(R, -1)
-    hpre = x_RM.new_empty(R, w.w1_GMX.shape[2])
-    for g, lo, hi in _bounds(sizes):
-        if hi > lo:
-            if w.b1_GX is None:
-                torch.mm(x_RM[lo:hi], w.w1_GMX[g], out=hpre[lo:hi])
-            else:
-                torch.addmm(w.b1_GX[g], x_RM[lo:hi], w.w1_GMX[g], out=hpre[lo:hi])
+    hpre = _grouped_linear(x_RM, w.w1_GMX, w.b1_GX, sizes)
     act = activation_forward(w.activation, hpre)
-    out = x_RM.new_empty(R, w.w2_GHM.shape[2])
+    return _grouped_linear(act, w.w2_GHM, w.b2_GM, sizes), hpre, act
+
+
+def _grouped_linear(x_RK: torch.Tensor, w_GKN: torch.Tensor, b_GN: torch.Tensor | None, sizes):
+    """Per group g: rows @ w[g] (+ b[g]), written straight into one [R, N] output."""
+    out = x_RK.new_empty(x_RK.shape[0], w_GKN.shape[2])
     for g, lo, hi in _bounds(sizes):
-        if hi > lo:
-            if w.b2_GM is None:
-                torch.mm(act[lo:hi], w.w2_GHM[g], out=out[lo:hi])
-            else:
-                torch.addmm(w.b2_GM[g], act[lo:hi], w.w2_GHM[g], out=out[lo:hi])
-    return out, hpre, act
+        if hi == lo:
+            continue
+        if b_GN is None:
+            torch.mm(x_RK[lo:hi], w_GKN[g], out=out[lo:hi])
+        else:
+            torch.addmm(b_GN[g], x_RK[lo:hi], w_GKN[g], out=out[lo:hi])
+    return out
 
 
 def _empty_like_zero_unused(t_G: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:

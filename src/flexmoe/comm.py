@@ -1,208 +1,380 @@
-"""Collectives for one MoE layer: process groups, async all-to-all (flat and 2DH), differentiable
-all-to-all and shard all-gather, and rank agreement checks. Works on gloo (CPU) and NCCL (CUDA).
+"""Collectives for one MoE layer (DESIGN sections 3, 4, 5).
 
-Legend: W ranks in the layer's group, L ranks per node, N = W / L nodes, B one rank's block.
-All-to-all buffers are [W, ...]: block j goes to rank j; received block j came from rank j.
+Device-agnostic: the same code drives gloo on CPU and NCCL on CUDA. Nothing here reads environment
+variables; the number of ranks per node (for 2DH) is an argument.
+
+Legend:
+    W   ranks in the layer's group          L   ranks per node (local_world_size)
+    N   nodes, N = W / L                    g   ranks in a block group (g consecutive group ranks)
+    x_W...       an all-to-all buffer: block j goes to (and, after the exchange, came from) rank j
+    x_LN...      the same blocks ordered by (destination local rank, destination node) for 2DH
+    out_g...     a stack of the g shards gathered from a block group
 """
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from flexmoe.layout import divisors
 
-# torch >= 2.13 renamed the flat-tensor collectives; older releases only have the *_tensor names
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+ALGORITHMS = ("flat", "2dh")
+
+__all__ = [
+    "ALGORITHMS",
+    "AllToAllHandle",
+    "ExpertGroups",
+    "agree_max",
+    "all_gather_shards",
+    "all_to_all",
+    "check_agreement",
+]
 
 
-def _initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
+# -- small helpers ---------------------------------------------------------------------------------
 
 
-class _Done:
-    """A finished 'collective' (single process): wait() just returns the buffer."""
+def _group_size(group: ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
 
-    def __init__(self, result: torch.Tensor):
-        self.result = result
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _default_group(group: ProcessGroup | None) -> ProcessGroup | None:
+    """None means WORLD when torch.distributed is initialised, else a single process (None)."""
+    if group is None and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return group
+
+
+def _all_gather_flat(out_flat: torch.Tensor, x_flat: torch.Tensor, group: ProcessGroup) -> None:
+    # Newer torch renamed all_gather_into_tensor to all_gather_single (the old name warns);
+    # both accept the 1-D concatenated form, which is also the only form gloo accepts.
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out_flat, x_flat, group=group)
+
+
+def _reduce_scatter_flat(out_flat: torch.Tensor, x_flat: torch.Tensor, group: ProcessGroup) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out_flat, x_flat, op=dist.ReduceOp.SUM, group=group)
+
+
+def _inherited_timeout(group: ProcessGroup) -> datetime.timedelta | None:
+    """The collective timeout `group` was created with, so subgroups fail as fast as it does.
+
+    torch has no public getter; the backends keep it in their options. Returns None when it cannot
+    be read, and new_group then falls back to torch's default (30 min gloo, 10 min NCCL).
+    """
+    for device in getattr(group, "_device_types", ()):
+        try:
+            timeout = group._get_backend(device).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
+        if isinstance(timeout, datetime.timedelta):
+            return timeout
+    return None
+
+
+def _comm_device(group: ProcessGroup, device: torch.device | str | None) -> torch.device:
+    """Where small control tensors must live: NCCL only moves CUDA tensors."""
+    if device is not None:
+        return torch.device(device)
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# -- asynchronous all-to-all -----------------------------------------------------------------------
+
+
+class AllToAllHandle:
+    """An all-to-all in flight; `wait()` returns the received buffer (same shape as the sent one).
+
+    `finish` completes the exchange; it runs once, later calls return the cached result. The handle
+    keeps the send buffer alive until then, so the allocator cannot reuse it while it is on the wire.
+    """
+
+    def __init__(self, finish: Callable[[], torch.Tensor], keep_alive: tuple[torch.Tensor, ...] = ()):
+        self._finish: Callable[[], torch.Tensor] | None = finish
+        self._keep_alive = keep_alive
+        self._result: torch.Tensor | None = None
 
     def wait(self) -> torch.Tensor:
-        return self.result
-
-
-class _FlatAllToAll:
-    def __init__(self, x: torch.Tensor, group):
-        self.result = torch.empty_like(x)
-        self.work = dist.all_to_all_single(self.result, x, group=group, async_op=True)
-
-    def wait(self) -> torch.Tensor:
-        self.work.wait()
-        return self.result
-
-
-class _TwoDimAllToAll:
-    """Intra-node all-to-all (started at once), layout transform, inter-node all-to-all (in wait)."""
-
-    def __init__(self, x: torch.Tensor, groups: ExpertGroups):
-        W, L = groups.world_size, groups.local_world_size
-        N = W // L
-        self.groups, self.shape = groups, x.shape
-        # [N dest node, L dest local, B] -> [L dest local, N dest node, B]: what goes to each local peer
-        by_local_dest = x.reshape(N, L, -1).transpose(0, 1).contiguous()
-        self.stage = _FlatAllToAll(by_local_dest, groups.intra_node)
-
-    def wait(self) -> torch.Tensor:
-        W, L = self.groups.world_size, self.groups.local_world_size
-        N = W // L
-        # received [L src local, N dest node, B] -> [N dest node, L src local, B] for the inter phase
-        by_node = self.stage.wait().view(L, N, -1).transpose(0, 1).contiguous()
-        # received [N src node, L src local, B] == source rank order n * L + l
-        return _FlatAllToAll(by_node, self.groups.inter_node).wait().view(self.shape)
+        if self._finish is not None:
+            self._result = self._finish()
+            self._finish = None
+            self._keep_alive = ()
+        assert self._result is not None
+        return self._result
 
 
 class ExpertGroups:
-    """The process groups one layer needs, built once on every rank of `group` (a collective call)."""
+    """All process groups one MoE layer needs, created once, eagerly, in the same order on every rank.
+
+    Constructing it is a collective call on every rank of `group`. `group=None` means WORLD when
+    torch.distributed is initialised, else a single process (world_size 1, rank 0, no collectives).
+
+    Subgroups: for every divisor r of `shards_per_expert` (s), the groups of s / r consecutive group
+    ranks used by plan r (DESIGN section 3); with a valid `local_world_size` L (1 < L < W, W % L == 0)
+    also the intra-node groups (ranks n*L .. n*L+L-1) and inter-node groups (ranks l, L+l, 2L+l, ...)
+    of the two-dimensional hierarchical all-to-all (section 5). Rank sets that coincide share one
+    process group.
+    """
 
     def __init__(
         self,
-        group=None,
+        group: ProcessGroup | None = None,
         *,
         shards_per_expert: int = 1,
         local_world_size: int | None = None,
         timeout: datetime.timedelta | None = None,
-    ):
-        self.distributed = _initialized()
-        self.group = group if group is not None or not self.distributed else dist.group.WORLD
-        self.world_size = dist.get_world_size(self.group) if self.distributed else 1
-        self.rank = dist.get_rank(self.group) if self.distributed else 0
+    ) -> None:
+        if not _is_positive_int(shards_per_expert):
+            raise ValueError(f"shards_per_expert must be a positive integer, got {shards_per_expert!r}")
+        if local_world_size is not None and not _is_positive_int(local_world_size):
+            raise ValueError(f"local_world_size must be a positive integer or None, got {local_world_size!r}")
+        if timeout is not None and not isinstance(timeout, datetime.timedelta):
+            raise ValueError(f"timeout must be a datetime.timedelta or None, got {timeout!r}")
+
+        group = _default_group(group)
+        self.group: ProcessGroup | None = group
+        self.world_size: int = _group_size(group)
+        self.rank: int = 0 if group is None else dist.get_rank(group)
+        self.shards_per_expert = shards_per_expert
         self.local_world_size = local_world_size
-        W = self.world_size
-        self._blocks: dict[int, object] = {1: None, W: self.group}
-        self.intra_node = self.inter_node = None
-        if W == 1:
+        W, L = self.world_size, local_world_size
+        if W % shards_per_expert:
+            raise ValueError(
+                f"shards_per_expert={shards_per_expert} must divide the group size {W} "
+                "(s = W / E ranks share one expert)"
+            )
+
+        self._blocks: dict[int, ProcessGroup | None] = {1: None, W: group}
+        # this rank's 2DH groups: same node / same local rank (None without 2DH)
+        self.intra_node: ProcessGroup | None = None
+        self.inter_node: ProcessGroup | None = None
+        self._supports_2dh = L is not None and 1 < L < W and W % L == 0
+        if group is None or W == 1:
             return
-        to_global = [dist.get_global_rank(self.group, i) for i in range(W)]
 
-        def new_group(ranks: list[int]):
-            return dist.new_group(ranks=[to_global[i] for i in ranks], timeout=timeout)
+        self._timeout = timeout if timeout is not None else _inherited_timeout(group)
+        # new_group on a rank set is a collective over the whole job, so it is called for every
+        # subgroup on every rank, in one fixed order; a dict keyed by rank set dedupes (e.g. the
+        # blocks of size L are the intra-node groups).
+        self._cache: dict[tuple[int, ...], ProcessGroup | None] = {}
+        for size in sorted({s for s in divisors(shards_per_expert) if 1 < s < W}):
+            blocks = [list(range(start, start + size)) for start in range(0, W, size)]
+            self._blocks[size] = self._create_partition(blocks)
+        if self._supports_2dh:
+            assert L is not None
+            nodes = W // L
+            self.intra_node = self._create_partition([[n * L + l for l in range(L)] for n in range(nodes)])
+            self.inter_node = self._create_partition([[n * L + l for n in range(nodes)] for l in range(L)])
+        del self._cache
 
-        # every rank calls new_group for every subgroup, in the same order
-        for size in sorted(set(divisors(shards_per_expert)) - {1, W}):
-            for start in range(0, W, size):
-                g = new_group(list(range(start, start + size)))
-                if start <= self.rank < start + size:
-                    self._blocks[size] = g
-        if self.supports_2dh:
-            L = local_world_size
-            for n in range(W // L):
-                g = new_group(list(range(n * L, (n + 1) * L)))
-                if n == self.rank // L:
-                    self.intra_node = g
-            for l in range(L):
-                g = new_group(list(range(l, W, L)))
-                if l == self.rank % L:
-                    self.inter_node = g
+    def _create_partition(self, partition: list[list[int]]) -> ProcessGroup | None:
+        """Create every group of a partition of the group ranks; return the one holding this rank."""
+        mine = None
+        for members in partition:
+            pg = self._new_group(members)
+            if self.rank in members:
+                mine = pg
+        assert mine is not None
+        return mine
 
+    def _new_group(self, group_ranks: list[int]) -> ProcessGroup | None:
+        assert self.group is not None
+        global_ranks = [dist.get_global_rank(self.group, i) for i in group_ranks]
+        key = tuple(global_ranks)
+        if key in self._cache:
+            return self._cache[key]
+        kwargs: dict = {"ranks": global_ranks}
+        if self._timeout is not None:
+            kwargs["timeout"] = self._timeout
+        if global_ranks != sorted(global_ranks):
+            # Group-rank order must survive: it is the block order of the all-to-all.
+            kwargs["sort_ranks"] = False
+        if dist.get_world_size(self.group) != dist.get_world_size():
+            # `group` is a strict subgroup of the job: ranks outside it never build this object, so
+            # only members may take part in creating its subgroups.
+            kwargs["use_local_synchronization"] = True
+        pg = dist.new_group(**kwargs)
+        self._cache[key] = pg
+        return pg
+
+    # -- queries -----------------------------------------------------------------------------------
     @property
     def supports_2dh(self) -> bool:
-        L, W = self.local_world_size, self.world_size
-        return L is not None and 1 < L < W and W % L == 0
+        """Whether the "2dh" all-to-all can run: local_world_size L with 1 < L < W and W % L == 0."""
+        return self._supports_2dh
 
-    def block_group(self, size: int):
-        """The group of `size` consecutive ranks holding this rank (None for 1: nothing to talk to)."""
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        """Sizes `block_group` accepts."""
+        return tuple(sorted(self._blocks))
+
+    def block_group(self, size: int) -> ProcessGroup | None:
+        """The group of `size` consecutive ranks holding this rank; None when size is 1 (no traffic)."""
         if size not in self._blocks:
-            raise ValueError(f"no block group of size {size}; sizes built: {sorted(self._blocks)}")
+            raise ValueError(
+                f"block group size must be one of {self.block_sizes} (divisors of "
+                f"shards_per_expert={self.shards_per_expert}, and the world size), got {size!r}"
+            )
         return self._blocks[size]
 
-    def all_to_all_start(self, x: torch.Tensor, algorithm: str):
-        """Start an all-to-all of x [W, ...] (contiguous); `.wait()` returns the received [W, ...]."""
-        if x.shape[0] != self.world_size:
-            raise ValueError(f"all-to-all buffer must start with W={self.world_size}, got {tuple(x.shape)}")
-        if self.world_size == 1:
-            return _Done(x)
+    # -- all-to-all --------------------------------------------------------------------------------
+    def _check_algorithm(self, algorithm: str) -> None:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"all_to_all must be one of {ALGORITHMS}, got {algorithm!r}")
+        if algorithm == "2dh" and not self._supports_2dh:
+            raise ValueError(
+                f'all_to_all="2dh" needs local_world_size L with 1 < L < W and W % L == 0 '
+                f"(W={self.world_size}), got local_world_size={self.local_world_size}"
+            )
+
+    def all_to_all_start(self, x: torch.Tensor, algorithm: str) -> AllToAllHandle:
+        """Start exchanging x_W... (block j to rank j); `handle.wait()` gives the received blocks."""
+        self._check_algorithm(algorithm)
+        if x.dim() == 0 or x.shape[0] != self.world_size:
+            raise ValueError(
+                f"all-to-all buffer must have W={self.world_size} as its first dimension, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if self.world_size == 1 or x.numel() == 0:
+            # Nothing to move; every rank holds the same (agreed) shape, so all skip together.
+            return AllToAllHandle(lambda: x)
+        x = x.contiguous()
         if algorithm == "flat":
-            return _FlatAllToAll(x.contiguous(), self.group)
-        if algorithm == "2dh":
-            if not self.supports_2dh:
-                raise ValueError(
-                    f"all_to_all='2dh' needs local_world_size L with 1 < L < W={self.world_size} and "
-                    f"W % L == 0, got local_world_size={self.local_world_size}"
-                )
-            return _TwoDimAllToAll(x.contiguous(), self)
-        raise ValueError(f"all_to_all must be one of ('flat', '2dh'), got {algorithm!r}")
+            out = torch.empty_like(x)
+            work = dist.all_to_all_single(out, x, group=self.group, async_op=True)
+
+            def finish_flat() -> torch.Tensor:
+                work.wait()
+                return out
+
+            return AllToAllHandle(finish_flat, (x,))
+        return self._start_2dh(x)
+
+    def _start_2dh(self, x_W: torch.Tensor) -> AllToAllHandle:
+        L = self.local_world_size
+        assert L is not None
+        N = self.world_size // L
+        rest = x_W.shape[1:]
+        # Block j = n' * L + l' goes to local rank l' of node n'. Group by destination local rank so
+        # one intra-node message to local peer l' carries everything bound for (n', l'), all n'.
+        send_LN = x_W.view(N, L, *rest).transpose(0, 1).contiguous()
+        recv_LN = torch.empty_like(send_LN)  # [source local rank, destination node, ...]
+        work = dist.all_to_all_single(recv_LN, send_LN, group=self.intra_node, async_op=True)
+
+        def finish_2dh() -> torch.Tensor:
+            work.wait()
+            # Now order by destination node: one inter-node message per node, among equal local ranks.
+            send_NL = recv_LN.transpose(0, 1).contiguous()
+            recv_NL = torch.empty_like(send_NL)  # [source node, source local rank, ...] = source rank
+            dist.all_to_all_single(recv_NL, send_NL, group=self.inter_node)
+            return recv_NL.view(self.world_size, *rest)
+
+        return AllToAllHandle(finish_2dh, (send_LN,))
+
+
+# -- differentiable wrappers -----------------------------------------------------------------------
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, groups: ExpertGroups, algorithm: str):
+    def forward(ctx, x: torch.Tensor, groups: ExpertGroups, algorithm: str) -> torch.Tensor:
         ctx.groups, ctx.algorithm = groups, algorithm
-        return groups.all_to_all_start(x.contiguous(), algorithm).wait()
+        return groups.all_to_all_start(x, algorithm).wait()
 
     @staticmethod
-    def backward(ctx, grad):
-        # an all-to-all is a permutation across ranks whose transpose is the same exchange
-        return ctx.groups.all_to_all_start(grad.contiguous(), ctx.algorithm).wait(), None, None
+    def backward(ctx, grad_W: torch.Tensor):
+        # out_i[j] = in_j[i] is its own transpose: the gradient goes back by the same exchange.
+        return ctx.groups.all_to_all_start(grad_W.contiguous(), ctx.algorithm).wait(), None, None
 
 
 def all_to_all(x: torch.Tensor, groups: ExpertGroups, algorithm: str = "flat") -> torch.Tensor:
-    """Differentiable all-to-all of x [W, ...]."""
+    """Differentiable all-to-all of x_W... over `groups` ("flat" or "2dh"; bit-identical results)."""
+    if groups.world_size == 1:
+        groups._check_algorithm(algorithm)
+        if x.dim() == 0 or x.shape[0] != 1:
+            raise ValueError(f"all-to-all buffer must have W=1 as its first dimension, got {tuple(x.shape)}")
+        return x
     return _AllToAll.apply(x, groups, algorithm)
 
 
 class _AllGatherShards(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, size: int):
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         ctx.group = group
-        out = x.new_empty(size * x.numel())  # flat: gloo wants the concatenation, not a stack
-        _all_gather_flat(out, x.contiguous().view(-1), group=group)
-        return out.view(size, *x.shape)
+        g = dist.get_world_size(group)
+        x = x.contiguous()
+        out_g = torch.empty((g, *x.shape), dtype=x.dtype, device=x.device)
+        _all_gather_flat(out_g.view(-1), x.view(-1), group)
+        return out_g
 
     @staticmethod
-    def backward(ctx, grad):
-        # ZeRO-style: each shard receives the sum of the gradients every rank computed for its copy
-        out = grad.new_empty(grad[0].numel())
-        _reduce_scatter_flat(out, grad.contiguous().view(-1), op=dist.ReduceOp.SUM, group=ctx.group)
-        return out.view(grad.shape[1:]), None, None
+    def backward(ctx, grad_g: torch.Tensor):
+        # Every rank used every shard: a shard's gradient is the sum of all g ranks' contributions.
+        grad_g = grad_g.contiguous()
+        grad = torch.empty(grad_g.shape[1:], dtype=grad_g.dtype, device=grad_g.device)
+        _reduce_scatter_flat(grad.view(-1), grad_g.view(-1), ctx.group)
+        return grad, None
 
 
-def all_gather_shards(x: torch.Tensor, group) -> torch.Tensor:
-    """[...] on each of g ranks -> [g, ...] everywhere; backward reduce-scatters (sum)."""
-    if group is None:
+def all_gather_shards(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Stack the g ranks' shards: [*shape] -> [g, *shape]; backward reduce-scatters (SUM) the grads.
+
+    `group=None` is a block of one rank (see `ExpertGroups.block_group`): x.unsqueeze(0).
+    """
+    if group is None or dist.get_world_size(group) == 1:
         return x.unsqueeze(0)
-    return _AllGatherShards.apply(x, group, dist.get_world_size(group))
+    return _AllGatherShards.apply(x, group)
 
 
-def agree_max(values: list[int], group=None, *, device=None) -> list[int]:
-    """All-reduce MAX of small ints (e.g. the capacity every rank must use)."""
-    if not _initialized() or dist.get_world_size(group) == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.int64, device=device)
+# -- agreement across ranks ------------------------------------------------------------------------
+
+
+def agree_max(
+    values: list[int], group: ProcessGroup | None = None, *, device: torch.device | str | None = None
+) -> list[int]:
+    """Element-wise maximum of small ints over the group (e.g. the capacity every rank must use).
+
+    `device` should be the layer's device (NCCL needs CUDA tensors); by default CUDA for NCCL,
+    else CPU. `group=None` means WORLD when initialised; a single process returns the values unchanged.
+    """
+    values = [int(v) for v in values]
+    group = _default_group(group)
+    if group is None or dist.get_world_size(group) == 1 or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=_comm_device(group, device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+    return [int(v) for v in t.tolist()]
 
 
-@dataclass(frozen=True)
-class Disagreement:
-    key: str
-    low: int
-    high: int
+def check_agreement(
+    values: dict[str, int], group: ProcessGroup | None = None, *, device: torch.device | str | None = None
+) -> None:
+    """Raise ValueError on every rank unless all ranks hold equal `values` (one all-reduce).
 
-
-def check_agreement(values: dict[str, int], group=None, *, device=None) -> None:
-    """Every rank must hold the same values; one all-reduce (MAX over [v, -v]) finds who differs, and
-    every rank raises the same ValueError instead of hanging in a mismatched collective."""
-    if not _initialized() or dist.get_world_size(group) == 1:
+    Ranks that disagree on a setting would otherwise deadlock or silently compute garbage later.
+    `group=None` means WORLD when initialised; a single process has nothing to check.
+    """
+    group = _default_group(group)
+    if group is None or dist.get_world_size(group) == 1 or not values:
         return
     keys = list(values)
-    v = torch.tensor([values[k] for k in keys], dtype=torch.int64, device=device)
-    both = torch.cat([v, -v])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    high, low = both[: len(keys)].tolist(), (-both[len(keys) :]).tolist()
-    bad = [Disagreement(k, lo, hi) for k, lo, hi in zip(keys, low, high, strict=True) if lo != hi]
-    if bad:
-        detail = ", ".join(f"{d.key} (min {d.low}, max {d.high})" for d in bad)
-        raise ValueError(f"ranks disagree on {detail}")
+    local = [int(values[k]) for k in keys]
+    # MAX over [v, -v] gives the max and minus the min in one collective.
+    t = torch.tensor(local + [-v for v in local], dtype=torch.int64, device=_comm_device(group, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    both = t.tolist()
+    highs, lows = both[: len(keys)], [-v for v in both[len(keys) :]]
+    diffs = [f"{k} (min {lo}, max {hi})" for k, lo, hi in zip(keys, lows, highs, strict=True) if lo != hi]
+    if diffs:
+        raise ValueError("ranks disagree on " + "; ".join(diffs))

@@ -1,1 +1,5 @@
-"""Test helpers shipped with the library (multi-process pools for gloo tests)."""
+"""Helpers for testing code built on flexmoe, e.g. a pool of gloo ranks for multi-process tests."""
+
+from flexmoe.testing.distributed import DistributedPool, DistributedPoolError, free_port
+
+__all__ = ["DistributedPool", "DistributedPoolError", "free_port"]

@@ -13,7 +13,7 @@ A cluster's `overlap` scales how much of that ideal hiding is real: t = serial -
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -194,7 +194,3 @@ class CostModel:
         plans = candidate_plans(shape, two_dh=two_dh and shape.world_size > self.cluster.gpus_per_node)
         plan, t = self.rank(shape, plans)[0]
         return plan, t, self.step_time(shape, STATIC_DEFAULT)
-
-
-def with_world_size(shape: LayerShape, world_size: int) -> LayerShape:
-    return replace(shape, world_size=world_size)

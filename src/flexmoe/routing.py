@@ -55,10 +55,6 @@ class RoutingPlan:
         expert_N, location_N = self.slot_N // self.buffer_capacity, self.slot_N % self.buffer_capacity
         return replace(self, buffer_capacity=Cb, slot_N=expert_N * Cb + location_N)
 
-    def dropped_fraction(self) -> float:
-        total = self.num_tokens * self.top_k
-        return 0.0 if total == 0 else 1.0 - int(self.kept_E.sum()) / total
-
 
 def capacity_for(
     capacity_factor: float, *, top_k: int, num_tokens: int, num_experts: int, max_demand: int

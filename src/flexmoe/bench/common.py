@@ -18,20 +18,6 @@ def synchronize(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize()
 
 
-def median_seconds(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 3, device=None) -> float:
-    """Median wall time of fn() after `warmup` untimed calls (GPU work is synchronised)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved_medians(
     steps: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 3, device=None
 ) -> dict[str, float]:
@@ -55,7 +41,8 @@ def matmul_rate(*, size: int = 2048, dtype=torch.float32, device="cpu", repeats:
     """FLOP/s of a large square matmul: the machine's practical peak for the peak floor."""
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
-    seconds = median_seconds(lambda: a @ b, warmup=2, repeats=repeats, device=device)
+    timings = interleaved_medians({"matmul": lambda: a @ b}, warmup=2, repeats=repeats, device=device)
+    seconds = timings["matmul"]
     return 2 * size**3 / seconds
 
 

@@ -56,17 +56,20 @@ QUICK = tuple(
 )
 
 
-def _median_step(layer: MoELayer, x: torch.Tensor, plan: Plan, *, warmup: int, repeats: int) -> float:
-    times = []
+def _median_steps(layer: MoELayer, x: torch.Tensor, plans: list[Plan], *, warmup: int, repeats: int):
+    """Median step time of every plan, measured in interleaved rounds (one step of each plan per round)
+    so that this shared machine's slow spells hit all plans alike; MAX over ranks."""
+    times: dict[Plan, list[float]] = {p: [] for p in plans}
     for i in range(warmup + repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        layer(x, plan=plan).square().mean().backward()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+        for plan in plans:
+            dist.barrier()
+            start = time.perf_counter()
+            layer(x, plan=plan).square().mean().backward()
+            if i >= warmup:
+                times[plan].append(time.perf_counter() - start)
+    medians = torch.tensor([statistics.median(times[p]) for p in plans], dtype=torch.float64)
+    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+    return dict(zip(plans, medians.tolist(), strict=True))
 
 
 def calibrate(groups: ExpertGroups, *, threads: int) -> ClusterSpec:
@@ -141,7 +144,7 @@ def run(workloads, *, warmup: int, repeats: int, local_world_size: int | None) -
             bytes_per_element=4,
         )
         plans = candidate_plans(shape, two_dh=layer.groups.supports_2dh)
-        measured = {p: _median_step(layer, x, p, warmup=warmup, repeats=repeats) for p in plans}
+        measured = _median_steps(layer, x, plans, warmup=warmup, repeats=repeats)
         static = measured[Plan()]
         best = min(measured, key=measured.get)
         predicted_best = model.rank(shape, plans)[0][0]

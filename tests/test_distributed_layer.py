@@ -66,7 +66,7 @@ def _inputs(case: dict, rank: int):
     return x, probe
 
 
-def _make_layer(case: dict, group_size_one: bool) -> MoELayer:
+def _make_layer(case: dict) -> MoELayer:
     layer = MoELayer(
         M,
         H,
@@ -85,7 +85,7 @@ def run_cases_worker(cases: list[dict]) -> list[dict]:
     rank = dist.get_rank()
     results = []
     for case in cases:
-        layer = _make_layer(case, False)
+        layer = _make_layer(case)
         x, probe = _inputs(case, rank)
         x.requires_grad_(True)
         y = layer(x, plan=case["plan"])
@@ -104,7 +104,7 @@ def run_cases_worker(cases: list[dict]) -> list[dict]:
 
 
 def _reference(case: dict, W: int):
-    ref = _make_layer(case, True)
+    ref = _make_layer(case)
     outs, x_grads, gate_grads = [], [], []
     for rank in range(W):
         x, probe = _inputs(case, rank)
@@ -195,7 +195,7 @@ def test_switching_plans_every_step_trains_identically(pool):
 
 def two_dh_vs_flat_worker() -> bool:
     case = dict(E=2, k=2, cf=1.0, act="gelu", seed=5, tokens=[9] * dist.get_world_size())
-    layer = _make_layer(case, False)
+    layer = _make_layer(case)
     x, _ = _inputs(case, dist.get_rank())
     r_max = max(1, dist.get_world_size() // 2)
     y_flat = layer(x, plan=Plan(r=r_max, d=2, all_to_all="flat"))

@@ -10,11 +10,10 @@ no rank ever materialises more than one whole expert.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from flexmoe.init import uniform_init
 from flexmoe.layout import ExpertLayout
 from flexmoe.ops.expert_ffn import ExpertWeights, grouped_expert_ffn
 
@@ -36,15 +35,11 @@ def init_full_expert(expert: int, *, seed: int, model_dim: int, hidden_dim: int,
     generator = torch.Generator().manual_seed((seed * 1_000_003 + expert) % (2**63))
     width = 2 * hidden_dim if activation == "swiglu" else hidden_dim
 
-    def uniform(*shape: int, fan_in: int) -> torch.Tensor:
-        bound = 1 / math.sqrt(fan_in)
-        return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-
     return {
-        "fc1_weight": uniform(model_dim, width, fan_in=model_dim),
-        "fc1_bias": uniform(width, fan_in=model_dim),
-        "fc2_weight": uniform(hidden_dim, model_dim, fan_in=hidden_dim),
-        "fc2_bias": uniform(model_dim, fan_in=hidden_dim),
+        "fc1_weight": uniform_init((model_dim, width), fan_in=model_dim, generator=generator),
+        "fc1_bias": uniform_init((width,), fan_in=model_dim, generator=generator),
+        "fc2_weight": uniform_init((hidden_dim, model_dim), fan_in=hidden_dim, generator=generator),
+        "fc2_bias": uniform_init((model_dim,), fan_in=hidden_dim, generator=generator),
     }
 
 

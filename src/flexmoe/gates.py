@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from flexmoe.init import uniform_init
+
 COSINE_PROJECTION_DIM = 256
 COSINE_MAX_LOG_SCALE = math.log(100.0)
 
@@ -20,16 +22,12 @@ def gate_dtype(x: torch.dtype) -> torch.dtype:
     return torch.float64 if x == torch.float64 else torch.float32
 
 
-def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator) -> torch.Tensor:
-    return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).float()
-
-
 class LinearGate(nn.Module):
     """logits = x @ weight.T with weight [E, M]."""
 
     def __init__(self, model_dim: int, num_experts: int, *, generator: torch.Generator, device=None):
         super().__init__()
-        init = _uniform((num_experts, model_dim), 1 / math.sqrt(model_dim), generator)
+        init = uniform_init((num_experts, model_dim), fan_in=model_dim, generator=generator).float()
         self.weight = nn.Parameter(init.to(device))
 
     def forward(self, x_TM: torch.Tensor) -> torch.Tensor:
@@ -45,8 +43,8 @@ class CosineGate(nn.Module):
         P = COSINE_PROJECTION_DIM
         self.proj = nn.Linear(model_dim, P, device=device)
         with torch.no_grad():
-            self.proj.weight.copy_(_uniform((P, model_dim), 1 / math.sqrt(model_dim), generator))
-            self.proj.bias.copy_(_uniform((P,), 1 / math.sqrt(model_dim), generator))
+            self.proj.weight.copy_(uniform_init((P, model_dim), fan_in=model_dim, generator=generator))
+            self.proj.bias.copy_(uniform_init((P,), fan_in=model_dim, generator=generator))
         self.sim = nn.Parameter((torch.randn((P, num_experts), generator=generator) * 0.01).to(device))
         self.temperature = nn.Parameter(torch.tensor(math.log(1 / 0.5), device=device))
 

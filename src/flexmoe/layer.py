@@ -20,7 +20,7 @@ from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
 from flexmoe.layout import ExpertLayout
 from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
-from flexmoe.routing import route
+from flexmoe.routing import RoutingPlan, route
 from flexmoe.strategies import build_strategy
 from flexmoe.tuner import PlanTuner, TunerConfig
 
@@ -124,6 +124,7 @@ class MoELayer(nn.Module):
         self.tuner = self._build_tuner(tuner, cluster, device) if tuner else None
         self.aux_loss = torch.zeros((), device=device)
         self.last_plan: PlanRecord | None = None
+        self.last_routing: RoutingPlan | None = None
 
     # -- plans -------------------------------------------------------------------------------------
     def _check_fixed_settings(self) -> None:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flexmoe.checkpoint import load_checkpoint, save_checkpoint
+from flexmoe.cpu_memory import retain_freed_memory
 from flexmoe.data import DataSplit, load_split
 from flexmoe.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
 from flexmoe.models import create_model
@@ -48,6 +49,8 @@ class TrainConfig:
     resume: bool = False
     stop_after: int | None = None  # train only this many epochs in this run (continue with --resume)
     max_steps_per_epoch: int | None = None
+    # on CPU, keep freed host memory for the next step (flexmoe.cpu_memory); False leaves malloc as it is
+    retain_cpu_memory: bool = True
     model_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -185,6 +188,8 @@ def moe_layers(model) -> list:
 
 def train(config: TrainConfig) -> dict:
     rank, world, device = init_distributed()
+    if device.type == "cpu" and config.retain_cpu_memory:
+        retain_freed_memory()
     out = Path(config.out_dir)
     torch.manual_seed(config.seed)  # identical replicated parameters on every rank
     split = load_split(config.data, test_fraction=config.test_fraction, seed=config.seed, limit=config.limit)
@@ -291,6 +296,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--stop-after", type=int, default=None, help="epochs to run now; continue with --resume")
     p.add_argument("--out-dir", default=defaults.out_dir)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--no-retain-cpu-memory",
+        dest="retain_cpu_memory",
+        action="store_false",
+        help="let malloc return freed host memory to the OS (slower steps on CPU, smaller resident size)",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,6 +12,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from flexmoe.cpu_memory import retain_freed_memory
+
+
+def add_cpu_allocator_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpu-allocator",
+        choices=("retain", "default"),
+        default="retain",
+        help="retain (default): keep freed host memory for reuse, as CUDA's caching allocator does; "
+        "default: the C library's behaviour (see flexmoe.cpu_memory)",
+    )
+
+
+def apply_cpu_allocator(choice: str) -> str:
+    """Applies --cpu-allocator; returns the allocator in effect, for the environment record."""
+    return "retain" if choice == "retain" and retain_freed_memory() else "default"
 
 
 def synchronize(device: torch.device | str | None = None) -> None:

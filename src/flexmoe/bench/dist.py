@@ -20,7 +20,13 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer, Plan
-from flexmoe.bench.common import environment, format_table, write_json
+from flexmoe.bench.common import (
+    add_cpu_allocator_argument,
+    apply_cpu_allocator,
+    environment,
+    format_table,
+    write_json,
+)
 from flexmoe.comm import ExpertGroups
 from flexmoe.cost_model import PRESETS, ClusterSpec, CostModel, LayerShape, candidate_plans
 
@@ -184,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         help="ranks per 'node' for 2dh (default: half the ranks when W >= 4)",
     )
     parser.add_argument("--out", default=None)
+    add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)
+    allocator = apply_cpu_allocator(args.cpu_allocator)
     if not dist.is_initialized():
         if not dist.is_torchelastic_launched():
             raise SystemExit(
@@ -218,7 +226,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         )
         payload = {
             "environment": environment(
-                benchmark="dist", world_size=W, local_world_size=local, threads=torch.get_num_threads()
+                benchmark="dist",
+                world_size=W,
+                local_world_size=local,
+                threads=torch.get_num_threads(),
+                cpu_allocator=allocator,
             ),
             **result,
         }

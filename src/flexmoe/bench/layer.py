@@ -5,6 +5,8 @@ For each workload, in one run (same process, same threads):
 - padded: the same routing and experts but every capacity slot multiplied (dispatch -> [E, C, M]);
 - einsum: flexmoe.baselines.GShardMoELayer (the Fairseq/GShard one-hot formulation), same weights;
 - fairscale: fairscale.nn.MOELayer with Top2Gate, when installed and k == 2;
+- expert ffn: the grouped expert FFN op alone (GEMMs, biases, activation) on the same kept rows, so
+  that layer / expert ffn is what routing, dispatch and combine add on top of the experts;
 - gemm floor: only the expert GEMMs (6 per expert for fwd+bwd, 2 for fwd) on exactly the kept rows;
 - peak floor: the FLOPs of those GEMMs over the rate of a large square matmul.
 """
@@ -21,7 +23,15 @@ import torch.distributed as dist
 
 from flexmoe import MoELayer
 from flexmoe.baselines import GShardMoELayer
-from flexmoe.bench.common import environment, format_table, interleaved_medians, matmul_rate, write_json
+from flexmoe.bench.common import (
+    add_cpu_allocator_argument,
+    apply_cpu_allocator,
+    environment,
+    format_table,
+    interleaved_medians,
+    matmul_rate,
+    write_json,
+)
 from flexmoe.dispatch import combine, dispatch
 from flexmoe.ops.expert_ffn import grouped_expert_ffn
 from flexmoe.routing import route
@@ -60,6 +70,7 @@ QUICK_WORKLOADS = (
 def _fwd_bwd(module, x):
     def step():
         module.zero_grad(set_to_none=True)
+        x.grad = None
         y = module(x)
         y.float().pow(2).mean().backward()
 
@@ -89,6 +100,7 @@ def _padded_step(layer: MoELayer, x, *, backward: bool):
     def step():
         if backward:
             layer.zero_grad(set_to_none=True)
+            x.grad = None
             forward().pow(2).mean().backward()
         else:
             with torch.no_grad():
@@ -121,6 +133,18 @@ def _gemm_floor_steps(layer: MoELayer, kept: list[int], dtype, device):
             _ = gh @ w1[e][:, :H].t()  # grad x
 
     return forward_backward, forward
+
+
+def _expert_ffn_step(layer: MoELayer, kept: list[int], dtype, device):
+    rows = torch.randn(sum(kept), layer.config.model_dim, dtype=dtype, device=device, requires_grad=True)
+    grad = torch.randn_like(rows)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        rows.grad = None
+        grouped_expert_ffn(rows, layer.experts.local_weights(), tuple(kept)).backward(grad)
+
+    return step
 
 
 def _fairscale_layer(w: LayerWorkload, dtype):
@@ -158,7 +182,9 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: f
     layer = MoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs).to(device)
     base = GShardMoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs).to(device)
     base.load_state_dict(layer.state_dict())
-    x = torch.randn(w.tokens, w.model_dim, dtype=dtype, device=device)
+    # the input needs its gradient, as anywhere but in a model's first layer: every implementation pays
+    # the GEMM back to the tokens (the sixth in the floor)
+    x = torch.randn(w.tokens, w.model_dim, dtype=dtype, device=device, requires_grad=True)
     layer(x)
     kept = layer.last_routing.kept_counts
     rows = sum(kept)
@@ -167,6 +193,7 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: f
     steps = {
         "gemm_floor_fb_s": floor_fb,
         "gemm_floor_f_s": floor_f,
+        "expert_ffn_fb_s": _expert_ffn_step(layer, kept, dtype, device),
         "flexmoe_fb_s": _fwd_bwd(layer, x),
         "flexmoe_f_s": _fwd(layer, x),
         "padded_fb_s": _padded_step(layer, x, backward=True),
@@ -176,7 +203,7 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: f
     }
     fairscale = _fairscale_layer(w, dtype) if torch.device(device).type == "cpu" else None
     if fairscale is not None:
-        xs = x.view(w.num_experts, -1, w.model_dim)
+        xs = x.detach().view(w.num_experts, -1, w.model_dim).requires_grad_()
         steps.update(fairscale_fb_s=_fwd_bwd(fairscale, xs), fairscale_f_s=_fwd(fairscale, xs))
     # interleaved rounds: a slow spell of this shared machine hits every implementation alike
     result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
@@ -191,6 +218,7 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: f
             result[f"speedup_vs_{impl}_f"] = result[f"{impl}_f_s"] / result["flexmoe_f_s"]
     result["over_gemm_floor_fb"] = result["flexmoe_fb_s"] / result["gemm_floor_fb_s"]
     result["over_gemm_floor_f"] = result["flexmoe_f_s"] / result["gemm_floor_f_s"]
+    result["over_expert_ffn_fb"] = result["flexmoe_fb_s"] / result["expert_ffn_fb_s"]
     return result
 
 
@@ -208,6 +236,7 @@ COLUMNS = (
     "speedup_vs_padded_fb",
     "over_gemm_floor_fb",
     "over_gemm_floor_f",
+    "over_expert_ffn_fb",
     "gemm_efficiency",
 )
 
@@ -221,7 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fairscale runs on cpu only)")
     parser.add_argument("--only", type=int, action="append", help="run only these workload numbers (0-based)")
+    add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)
+    allocator = apply_cpu_allocator(args.cpu_allocator)
     dtype = getattr(torch, args.dtype)
     peak = matmul_rate(dtype=dtype, device=args.device, size=2048 if args.device == "cpu" else 8192)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
@@ -236,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(f"done: {w.name}", flush=True)
     print(format_table(rows, COLUMNS))
-    print(f"square matmul rate: {peak / 1e9:.1f} GFLOP/s ({args.dtype})")
+    print(f"square matmul rate: {peak / 1e9:.1f} GFLOP/s ({args.dtype}); host allocator: {allocator}")
     payload = {
         "environment": environment(
             benchmark="layer",
@@ -245,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
             repeats=args.repeats,
             warmup=args.warmup,
             peak_flops=peak,
+            cpu_allocator=allocator,
         ),
         "results": rows,
     }

@@ -13,7 +13,14 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from flexmoe.bench.common import environment, format_table, interleaved_medians, write_json
+from flexmoe.bench.common import (
+    add_cpu_allocator_argument,
+    apply_cpu_allocator,
+    environment,
+    format_table,
+    interleaved_medians,
+    write_json,
+)
 from flexmoe.models import create_model
 
 CONFIG = dict(
@@ -89,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="bench_results/swin.json")
+    add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)
+    allocator = apply_cpu_allocator(args.cpu_allocator)
     configs = {"quick": QUICK} if args.quick else PLACEMENTS
     rows = []
     for placement, config in configs.items():
@@ -107,7 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(rows, columns))
     payload = {
         "environment": environment(
-            benchmark="swin", batch=args.batch, repeats=args.repeats, warmup=args.warmup, models=configs
+            benchmark="swin",
+            batch=args.batch,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            models=configs,
+            cpu_allocator=allocator,
         ),
         "results": rows,
     }

@@ -20,16 +20,17 @@ import torch
 import torch.nn.functional as F
 
 
-def activation_forward(kind: str, hpre_RX: torch.Tensor) -> torch.Tensor:
+def activation_forward(kind: str, hpre_RX: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """activation(hpre), written into `out` when given (no temporary)."""
     if kind == "gelu":
-        return F.gelu(hpre_RX)
+        return F.gelu(hpre_RX) if out is None else torch.ops.aten.gelu.out(hpre_RX, out=out)
     if kind == "relu":
-        return F.relu(hpre_RX)
+        return F.relu(hpre_RX) if out is None else torch.clamp_min(hpre_RX, 0, out=out)
     if kind == "silu":
-        return F.silu(hpre_RX)
+        return F.silu(hpre_RX) if out is None else torch.ops.aten.silu.out(hpre_RX, out=out)
     if kind == "swiglu":
         gate_RH, up_RH = hpre_RX.chunk(2, dim=-1)
-        return F.silu(gate_RH) * up_RH
+        return torch.mul(F.silu(gate_RH), up_RH, out=out)
     raise ValueError(f"activation must be one of ('gelu', 'relu', 'silu', 'swiglu'), got {kind!r}")
 
 
@@ -125,7 +126,8 @@ def ffn_forward(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, ...]):
     for block in _blocks(sizes, hpre.shape[1]):
         for g, lo, hi in block.groups:
             _linear_into(hpre[lo:hi], x_RM[lo:hi], w.w1_GMX[g], None if w.b1_GX is None else w.b1_GX[g])
-        act[block.lo : block.hi] = activation_forward(w.activation, hpre[block.lo : block.hi])
+        rows = slice(block.lo, block.hi)
+        activation_forward(w.activation, hpre[rows], out=act[rows])
         for g, lo, hi in block.groups:
             _linear_into(out[lo:hi], act[lo:hi], w.w2_GHM[g], None if w.b2_GM is None else w.b2_GM[g])
     return out, hpre, act

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from flexmoe.bench.common import paired_ratio
 from flexmoe.bench.layer import main as bench_layer
 from flexmoe.bench.swin import main as bench_swin
 
@@ -24,3 +27,10 @@ def test_swin_benchmark_quick(tmp_path):
     )
     assert [r["implementation"] for r in payload["results"]] == ["flexmoe", "einsum"]
     assert payload["results"][0]["train_speedup"] > 0
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # per-round ratios 1, 2, 3 -> 2; the ratio of the medians (3 / 1) would say 3
+    assert paired_ratio([1.0, 10.0, 3.0], [1.0, 5.0, 1.0]) == 2.0
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])

@@ -36,11 +36,11 @@ def synchronize(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(
+def interleaved_times(
     steps: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 3, device=None
-) -> dict[str, float]:
-    """Median seconds of each step, measured in rounds that run every step once (A B C A B C ...), so
-    that drift in a shared machine's speed does not favour whichever ran first."""
+) -> dict[str, list[float]]:
+    """Seconds of each step, measured in rounds that run every step once (A B C A B C ...), so that
+    drift in a shared machine's speed does not favour whichever ran first."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -52,16 +52,30 @@ def interleaved_medians(
             step()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 3, device=None
+) -> dict[str, float]:
+    """Median seconds of each step (see interleaved_times)."""
+    times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def matmul_rate(*, size: int = 2048, dtype=torch.float32, device="cpu", repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul: the machine's practical peak for the peak floor."""
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+    """Median over rounds of numerator / denominator: both ran in the same round, so a slow spell of
+    the machine scales both and cancels, which a ratio of two medians does not guarantee."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def square_matmul_step(
+    *, size: int = 2048, dtype=torch.float32, device="cpu"
+) -> tuple[Callable[[], object], int]:
+    """A large square matmul, the machine's practical peak rate, and its FLOPs."""
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
-    timings = interleaved_medians({"matmul": lambda: a @ b}, warmup=2, repeats=repeats, device=device)
-    seconds = timings["matmul"]
-    return 2 * size**3 / seconds
+    return (lambda: a @ b), 2 * size**3
 
 
 def cpu_name() -> str:

@@ -9,6 +9,9 @@ For each workload, in one run (same process, same threads):
   that layer / expert ffn is what routing, dispatch and combine add on top of the experts;
 - gemm floor: only the expert GEMMs (6 per expert for fwd+bwd, 2 for fwd) on exactly the kept rows;
 - peak floor: the FLOPs of those GEMMs over the rate of a large square matmul.
+
+Every step runs once per round, rounds repeat; times are medians and every ratio is the median of the
+per-round ratios, so that a slow spell of this shared machine cancels out of the comparisons.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import socket
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,8 +32,9 @@ from flexmoe.bench.common import (
     apply_cpu_allocator,
     environment,
     format_table,
-    interleaved_medians,
-    matmul_rate,
+    interleaved_times,
+    paired_ratio,
+    square_matmul_step,
     write_json,
 )
 from flexmoe.dispatch import combine, dispatch
@@ -176,7 +181,7 @@ def _fairscale_layer(w: LayerWorkload, dtype):
     return MOELayer(Top2Gate(w.model_dim, w.num_experts), experts).to(dtype)
 
 
-def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: float, dtype, device) -> dict:
+def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, dtype, device) -> dict:
     torch.manual_seed(0)
     kwargs = dict(top_k=w.top_k, capacity_factor=w.capacity_factor, seed=0, dtype=dtype)
     layer = MoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs).to(device)
@@ -189,8 +194,12 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: f
     kept = layer.last_routing.kept_counts
     rows = sum(kept)
 
+    square, square_flops = square_matmul_step(
+        size=2048 if torch.device(device).type == "cpu" else 8192, dtype=dtype, device=device
+    )
     floor_fb, floor_f = _gemm_floor_steps(layer, kept, dtype, device)
     steps = {
+        "square_matmul_s": square,
         "gemm_floor_fb_s": floor_fb,
         "gemm_floor_f_s": floor_f,
         "expert_ffn_fb_s": _expert_ffn_step(layer, kept, dtype, device),
@@ -205,20 +214,27 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, peak_flops: f
     if fairscale is not None:
         xs = x.detach().view(w.num_experts, -1, w.model_dim).requires_grad_()
         steps.update(fairscale_fb_s=_fwd_bwd(fairscale, xs), fairscale_f_s=_fwd(fairscale, xs))
-    # interleaved rounds: a slow spell of this shared machine hits every implementation alike
+    times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
     result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
-    result.update(interleaved_medians(steps, warmup=warmup, repeats=repeats, device=device))
+    result.update({name: statistics.median(ts) for name, ts in times.items()})
+    # peak floor: the kept rows' GEMM FLOPs at the square matmul's rate of the same rounds
     flops_fb = 12 * rows * w.model_dim * w.hidden_dim
-    result["peak_floor_fb_s"] = flops_fb / peak_flops
-    result["peak_floor_f_s"] = flops_fb / 3 / peak_flops
-    result["gemm_efficiency"] = result["peak_floor_fb_s"] / result["gemm_floor_fb_s"]
+    result["square_gflops"] = square_flops / result["square_matmul_s"] / 1e9
+    result["peak_floor_fb_s"] = flops_fb / square_flops * result["square_matmul_s"]
+    result["peak_floor_f_s"] = result["peak_floor_fb_s"] / 3
+    result["gemm_efficiency"] = (
+        flops_fb / square_flops * paired_ratio(times["square_matmul_s"], times["gemm_floor_fb_s"])
+    )
     for impl in ("einsum", "fairscale", "padded"):
-        if f"{impl}_fb_s" in result:
-            result[f"speedup_vs_{impl}_fb"] = result[f"{impl}_fb_s"] / result["flexmoe_fb_s"]
-            result[f"speedup_vs_{impl}_f"] = result[f"{impl}_f_s"] / result["flexmoe_f_s"]
-    result["over_gemm_floor_fb"] = result["flexmoe_fb_s"] / result["gemm_floor_fb_s"]
-    result["over_gemm_floor_f"] = result["flexmoe_f_s"] / result["gemm_floor_f_s"]
-    result["over_expert_ffn_fb"] = result["flexmoe_fb_s"] / result["expert_ffn_fb_s"]
+        if f"{impl}_fb_s" in times:
+            for mode in ("fb", "f"):
+                result[f"speedup_vs_{impl}_{mode}"] = paired_ratio(
+                    times[f"{impl}_{mode}_s"], times[f"flexmoe_{mode}_s"]
+                )
+    result["over_gemm_floor_fb"] = paired_ratio(times["flexmoe_fb_s"], times["gemm_floor_fb_s"])
+    result["over_gemm_floor_f"] = paired_ratio(times["flexmoe_f_s"], times["gemm_floor_f_s"])
+    result["over_expert_ffn_fb"] = paired_ratio(times["flexmoe_fb_s"], times["expert_ffn_fb_s"])
+    result["expert_ffn_over_gemm_floor_fb"] = paired_ratio(times["expert_ffn_fb_s"], times["gemm_floor_fb_s"])
     return result
 
 
@@ -237,7 +253,9 @@ COLUMNS = (
     "over_gemm_floor_fb",
     "over_gemm_floor_f",
     "over_expert_ffn_fb",
+    "expert_ffn_over_gemm_floor_fb",
     "gemm_efficiency",
+    "square_gflops",
 )
 
 
@@ -254,20 +272,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     allocator = apply_cpu_allocator(args.cpu_allocator)
     dtype = getattr(torch, args.dtype)
-    peak = matmul_rate(dtype=dtype, device=args.device, size=2048 if args.device == "cpu" else 8192)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
     if args.only:
         workloads = [workloads[i] for i in args.only]
     rows = []
     for w in workloads:
         rows.append(
-            bench_workload(
-                w, repeats=args.repeats, warmup=args.warmup, peak_flops=peak, dtype=dtype, device=args.device
-            )
+            bench_workload(w, repeats=args.repeats, warmup=args.warmup, dtype=dtype, device=args.device)
         )
         print(f"done: {w.name}", flush=True)
     print(format_table(rows, COLUMNS))
-    print(f"square matmul rate: {peak / 1e9:.1f} GFLOP/s ({args.dtype}); host allocator: {allocator}")
+    print(f"dtype {args.dtype}; host allocator: {allocator}; ratios are medians of per-round ratios")
     payload = {
         "environment": environment(
             benchmark="layer",
@@ -275,7 +290,6 @@ def main(argv: list[str] | None = None) -> dict:
             device=args.device,
             repeats=args.repeats,
             warmup=args.warmup,
-            peak_flops=peak,
             cpu_allocator=allocator,
         ),
         "results": rows,

@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import flexmoe.checkpoint as ckpt
 from flexmoe import MoELayer
 from flexmoe.checkpoint import expert_file, load_checkpoint, save_checkpoint
+from flexmoe.checkpoint import files as checkpoint_files
+from flexmoe.checkpoint.reslice import rebuild_shard
 from flexmoe.experts import EXPERT_PARAM_NAMES, init_full_expert
 from flexmoe.layout import ExpertLayout
 from flexmoe.testing.distributed import DistributedPool
@@ -204,7 +205,7 @@ def test_reslicing_matches_the_layout_of_the_full_experts(E, W_saved, W_loaded, 
         want = layout(W_loaded, rank).shard(full)
         for name in EXPERT_PARAM_NAMES:
             fetch = lambda r, n=name: saved[r][n]  # noqa: E731
-            got = ckpt._rebuild_shard(layout(W_loaded, rank), layout(W_saved), name, fetch)
+            got = rebuild_shard(layout(W_loaded, rank), layout(W_saved), name, fetch)
             assert torch.equal(got, want[name]), (name, rank)
 
 
@@ -230,14 +231,14 @@ def test_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="extra"):
         save_checkpoint(path, Net(2, seed=2), extra={"f": lambda: 0})
 
-    real_write = ckpt._write
+    real_write = checkpoint_files.write
 
     def failing_write(obj, file):
-        if file.name == ckpt.REPLICATED_FILE:
+        if file.name == checkpoint_files.REPLICATED_FILE:
             raise OSError("disk full")
         real_write(obj, file)
 
-    monkeypatch.setattr(ckpt, "_write", failing_write)
+    monkeypatch.setattr(checkpoint_files, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, Net(2, seed=2), step=2)
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: median timing with warm-up, the environment record, table and JSON."""
+"""Shared benchmark plumbing: interleaved timing rounds, paired ratios, environment record, table, JSON."""
 
 from __future__ import annotations
 
@@ -53,14 +53,6 @@ def interleaved_times(
             synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
-
-
-def interleaved_medians(
-    steps: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 3, device=None
-) -> dict[str, float]:
-    """Median seconds of each step (see interleaved_times)."""
-    times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:

@@ -9,6 +9,7 @@ inputs leave a handful of tokens).
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,8 @@ from flexmoe.bench.common import (
     apply_cpu_allocator,
     environment,
     format_table,
-    interleaved_medians,
+    interleaved_times,
+    paired_ratio,
     write_json,
 )
 from flexmoe.models import create_model
@@ -72,7 +74,8 @@ def bench(config: dict, *, batch: int, repeats: int, warmup: int) -> list[dict]:
                 model(x)
 
         steps[f"{name}_train"], steps[f"{name}_infer"] = train_step, infer_step
-    seconds = interleaved_medians(steps, warmup=warmup, repeats=repeats)
+    times = interleaved_times(steps, warmup=warmup, repeats=repeats)
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
     rows = [
         {
             "implementation": name,
@@ -83,9 +86,9 @@ def bench(config: dict, *, batch: int, repeats: int, warmup: int) -> list[dict]:
         }
         for name in models
     ]
-    flex, einsum = rows
+    flex = rows[0]
     for key in ("train", "infer"):
-        flex[f"{key}_speedup"] = flex[f"{key}_images_per_s"] / einsum[f"{key}_images_per_s"]
+        flex[f"{key}_speedup"] = paired_ratio(times[f"einsum_{key}"], times[f"flexmoe_{key}"])
     return rows
 
 

@@ -118,11 +118,17 @@ class ExpertParallelStrategy:
         layout, r = self.experts.layout, self.plan.r
         W, E, Cb = layout.world_size, layout.num_experts, routing.buffer_capacity
         buffer_ECM = dispatch(x_TM, routing, is_postscore=is_postscore)
+        filled_EC = torch.arange(Cb, device=x_TM.device) < routing.kept_E.to(x_TM.device).unsqueeze(1)
         if r > 1:  # every block of hidden columns sees every token
-            buffer_ECM = buffer_ECM.repeat(1, r, 1)
-        send = buffer_ECM.view(W, layout.local_experts, -1, layout.model_dim)
+            buffer_ECM, filled_EC = buffer_ECM.repeat(1, r, 1), filled_EC.repeat(1, r)
+        L, M = layout.local_experts, layout.model_dim
         ret = pipelined_expert_exchange(
-            send, self.weights(), self.groups, d=self.plan.d, algorithm=self.plan.all_to_all
+            buffer_ECM.view(W, L, -1, M),
+            filled_EC.view(W, L, -1),
+            self.weights(),
+            self.groups,
+            d=self.plan.d,
+            algorithm=self.plan.all_to_all,
         )
         ret_ECM = ret.view(E, r, Cb, layout.model_dim).sum(1) if r > 1 else ret.view(E, Cb, -1)
         return combine(ret_ECM, routing, is_postscore=is_postscore)

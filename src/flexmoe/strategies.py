@@ -130,7 +130,7 @@ class ExpertParallelStrategy:
             d=self.plan.d,
             algorithm=self.plan.all_to_all,
         )
-        ret_ECM = ret.view(E, r, Cb, layout.model_dim).sum(1) if r > 1 else ret.view(E, Cb, -1)
+        ret_ECM = ret.view(E, r, Cb, M).sum(1) if r > 1 else ret.view(E, Cb, M)
         return combine(ret_ECM, routing, is_postscore=is_postscore)
 
 

@@ -81,3 +81,31 @@ def cosine_logits(x_TM, proj_weight, proj_bias, sim_PE, temperature):
     p = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     s = sim_PE / sim_PE.norm(dim=0, keepdim=True).clamp_min(1e-12)
     return p @ s * torch.exp(torch.clamp(temperature, max=math.log(100)))
+
+
+def reference_moe_from_choices(x_TM, experts_TK, weights_TK, params, *, cf=0.0, postscore=True, act="gelu"):
+    """Routing given from outside: token t's j-th choice is expert experts_TK[t][j] with weight
+    weights_TK[t, j]; capacity and priority (choice j, then token position) as in reference_moe."""
+    T, k = experts_TK.shape
+    E = params["fc1_weight"].shape[0]
+    demand = [0] * E
+    for t in range(T):
+        for j in range(k):
+            demand[int(experts_TK[t, j])] += 1
+    C = reference_capacity(cf, k, T, E, demand)
+    used = [0] * E
+    rows = [torch.zeros_like(x_TM[0]) for _ in range(T)]
+    for j in range(k):
+        for t in range(T):
+            e = int(experts_TK[t, j])
+            if used[e] < C:
+                h_in = x_TM[t] if postscore else weights_TK[t, j] * x_TM[t]
+                h = h_in @ params["fc1_weight"][e]
+                if params.get("fc1_bias") is not None:
+                    h = h + params["fc1_bias"][e]
+                out = activation(act, h) @ params["fc2_weight"][e]
+                if params.get("fc2_bias") is not None:
+                    out = out + params["fc2_bias"][e]
+                rows[t] = rows[t] + (weights_TK[t, j] * out if postscore else out)
+            used[e] += 1
+    return torch.stack(rows) if T else x_TM.new_zeros(0, x_TM.shape[1]), C

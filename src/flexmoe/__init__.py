@@ -4,7 +4,7 @@ from flexmoe.config import MoEConfig, RoutingConfig
 from flexmoe.dispatch import combine, dispatch
 from flexmoe.layer import MoELayer
 from flexmoe.plans import Plan, PlanRecord
-from flexmoe.routing import RoutingPlan, route
+from flexmoe.routing import RoutingPlan, route, routing_from_topk
 
 __all__ = [
     "MoEConfig",
@@ -16,4 +16,5 @@ __all__ = [
     "combine",
     "dispatch",
     "route",
+    "routing_from_topk",
 ]

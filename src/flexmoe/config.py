@@ -59,7 +59,7 @@ class MoEConfig:
     top_k: int = 2
     capacity_factor: float = 1.0
     eval_capacity_factor: float | None = None  # None: same as capacity_factor
-    gate: str = "linear"
+    gate: str | None = "linear"  # None: no router; routing is given to every forward
     gate_noise: float = 0.0
     normalize_gate: bool = True
     batch_prioritized_routing: bool = False
@@ -77,7 +77,8 @@ class MoEConfig:
         _positive_int("model_dim", self.model_dim)
         _positive_int("hidden_dim", self.hidden_dim)
         _positive_int("num_experts", self.num_experts)
-        _choice("gate", self.gate, GATES)
+        if self.gate is not None:
+            _choice("gate", self.gate, GATES)
         _choice("activation", self.activation, ACTIVATIONS)
         if self.parallelism != "adaptive" and (
             isinstance(self.parallelism, bool)

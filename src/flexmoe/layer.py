@@ -20,7 +20,7 @@ from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
 from flexmoe.layout import ExpertLayout
 from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
-from flexmoe.routing import RoutingPlan, route
+from flexmoe.routing import RoutingPlan, route, routing_from_topk
 from flexmoe.strategies import build_strategy
 from flexmoe.tuner import PlanTuner, TunerConfig
 
@@ -54,7 +54,7 @@ class MoELayer(nn.Module):
         top_k: int = 2,
         capacity_factor: float = 1.0,
         eval_capacity_factor: float | None = None,
-        gate: str = "linear",
+        gate: str | None = "linear",
         gate_noise: float = 0.0,
         normalize_gate: bool = True,
         batch_prioritized_routing: bool = False,
@@ -115,7 +115,12 @@ class MoELayer(nn.Module):
         )
         self.seed = _shared_seed(seed, group, world_size)
         gate_generator = torch.Generator().manual_seed(self.seed)
-        self.gate = build_gate(gate, model_dim, num_experts, generator=gate_generator, device=device)
+        # gate=None: no router of its own; every forward gets its routing from outside
+        self.gate = (
+            None
+            if gate is None
+            else build_gate(gate, model_dim, num_experts, generator=gate_generator, device=device)
+        )
         self.experts = Experts(self.layout, seed=self.seed, bias=bias, dtype=dtype, device=device)
         self._strategies: dict[Plan, object] = {}
         # the run-time tuner (True: default settings); False keeps "adaptive" on the static default plan
@@ -260,18 +265,44 @@ class MoELayer(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
+    def _route(self, x_TM: torch.Tensor, agree, top_k_index, top_k_weights) -> RoutingPlan:
+        """The layer's own gate, or routing given from outside (any router's top-k choices)."""
+        config = self.config.routing(training=self.training)
+        if top_k_index is None and top_k_weights is None:
+            if self.gate is None:
+                raise ValueError("this layer has no gate (gate=None): pass top_k_index and top_k_weights")
+            return route(self.gate(x_TM), config, training=self.training, agree_capacity=agree)
+        if top_k_index is None or top_k_weights is None:
+            raise ValueError("top_k_index and top_k_weights must be given together")
+        T = x_TM.shape[0]
+        if top_k_index.dim() != 2 or top_k_index.shape[0] != T:
+            raise ValueError(
+                f"top_k_index must be [T, k] with T={T} tokens of x, got shape {tuple(top_k_index.shape)}"
+            )
+        return routing_from_topk(
+            top_k_index,
+            top_k_weights,
+            self.config.num_experts,
+            capacity_factor=config.capacity_factor,
+            agree_capacity=agree,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        plan: Plan | None = None,
+        *,
+        top_k_index: torch.Tensor | None = None,
+        top_k_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """y = MoE(x). With `top_k_index`/`top_k_weights` ([T, k] over the flattened tokens of x) the
+        routing comes from outside and the layer's gate is not used; the layer's capacity factor
+        still applies (0: dropless)."""
         self._validate(x)
         plan, source = self._plan_before_routing(plan)
         x_TM = x.reshape(-1, self.config.model_dim)
         started = time.perf_counter()
-        logits_TE = self.gate(x_TM)
-        routing = route(
-            logits_TE,
-            self.config.routing(training=self.training),
-            training=self.training,
-            agree_capacity=self._agree_capacity(plan, x.device),
-        )
+        routing = self._route(x_TM, self._agree_capacity(plan, x.device), top_k_index, top_k_weights)
         if plan is None:
             plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
         plan, strategy = self._strategy(plan)

@@ -128,10 +128,38 @@ def route(
     renormalize = config.normalize_gate and k > 1
     weights_TK = top_TK / top_TK.sum(-1, keepdim=True) if renormalize else top_TK
 
-    device = logits_TE.device
+    order_T = None
     if config.batch_prioritized_routing:
         order_T = torch.argsort(-top_TK[:, 0].detach(), stable=True)
-    else:
+    return plan_from_choices(
+        experts_TK,
+        weights_TK,
+        num_experts=E,
+        capacity_factor=config.capacity_factor,
+        order_T=order_T,
+        capacity_multiple=capacity_multiple,
+        agree_capacity=agree_capacity,
+        aux_loss=_aux_loss(config, logits_TE, noisy_TE, scores_TE, experts_TK, noise_std),
+    )
+
+
+def plan_from_choices(
+    experts_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    *,
+    num_experts: int,
+    capacity_factor: float,
+    order_T: torch.Tensor | None = None,
+    capacity_multiple: int = 1,
+    agree_capacity: Callable[[int], int] | None = None,
+    aux_loss: torch.Tensor | None = None,
+) -> RoutingPlan:
+    """Slots for given choices (expert ids [T, k], weights [T, k]); `order_T` is the token priority
+    (None: token position). Shared by `route` and by routing given from outside."""
+    T, k = experts_TK.shape
+    E = num_experts
+    device = experts_TK.device
+    if order_T is None:
         order_T = torch.arange(T, device=device)
     experts_P = experts_TK[order_T].t().reshape(-1)  # j-major: all first choices, then second ...
     demand_E = torch.bincount(experts_P, minlength=E)
@@ -141,7 +169,7 @@ def route(
     location_P[by_expert_P] = torch.arange(k * T, device=device) - starts_E[experts_P[by_expert_P]]
 
     max_demand = int(demand_E.max()) if T > 0 else 0
-    C = capacity_for(config.capacity_factor, top_k=k, num_tokens=T, num_experts=E, max_demand=max_demand)
+    C = capacity_for(capacity_factor, top_k=k, num_tokens=T, num_experts=E, max_demand=max_demand)
     if agree_capacity is not None:
         C = agree_capacity(C)
     Cb = -(-C // capacity_multiple) * capacity_multiple
@@ -166,5 +194,56 @@ def route(
         token_N=token_N,
         slot_N=slot_N,
         weight_N=weights_TK[token_N, choice_N],
-        aux_loss=_aux_loss(config, logits_TE, noisy_TE, scores_TE, experts_TK, noise_std),
+        aux_loss=weights_TK.sum() * 0 if aux_loss is None else aux_loss,
     )
+
+
+def routing_from_topk(
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    *,
+    capacity_factor: float = 0.0,
+    capacity_multiple: int = 1,
+    agree_capacity: Callable[[int], int] | None = None,
+) -> RoutingPlan:
+    """Routing computed by any router (expert ids [T, k], weights [T, k]) -> a RoutingPlan.
+
+    Dropless by default (capacity_factor 0); with a capacity, priority is (choice j, token position)
+    as in `route`. The weights stay differentiable (the router's gradient flows through them); the
+    plan's aux_loss is zero (the outside router owns its balancing losses)."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+    if not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2:
+        raise ValueError(f"top_k_index must be a [T, k] tensor, got {_shape_of(top_k_index)}")
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+        raise ValueError(f"top_k_index must hold integer expert ids, got dtype {top_k_index.dtype}")
+    if not isinstance(top_k_weights, torch.Tensor) or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise ValueError(
+            f"top_k_weights must have top_k_index's shape {tuple(top_k_index.shape)}, "
+            f"got {_shape_of(top_k_weights)}"
+        )
+    if not top_k_weights.is_floating_point():
+        raise ValueError(f"top_k_weights must be floating point, got dtype {top_k_weights.dtype}")
+    if not math.isfinite(capacity_factor):
+        raise ValueError(f"capacity_factor must be finite, got {capacity_factor}")
+    if top_k_index.shape[1] == 0:
+        raise ValueError("top_k_index must hold at least one choice per token (k >= 1)")
+    experts_TK = top_k_index.long()
+    if experts_TK.numel() and (int(experts_TK.min()) < 0 or int(experts_TK.max()) >= num_experts):
+        raise ValueError(
+            f"top_k_index must hold expert ids in [0, {num_experts}), got "
+            f"[{int(experts_TK.min())}, {int(experts_TK.max())}]"
+        )
+    return plan_from_choices(
+        experts_TK,
+        top_k_weights,
+        num_experts=num_experts,
+        capacity_factor=capacity_factor,
+        capacity_multiple=capacity_multiple,
+        agree_capacity=agree_capacity,
+    )
+
+
+def _shape_of(value: object) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

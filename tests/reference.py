@@ -109,3 +109,46 @@ def reference_moe_from_choices(x_TM, experts_TK, weights_TK, params, *, cf=0.0, 
                 rows[t] = rows[t] + (weights_TK[t, j] * out if postscore else out)
             used[e] += 1
     return torch.stack(rows) if T else x_TM.new_zeros(0, x_TM.shape[1]), C
+
+
+def reference_choices(
+    logits_TE, *, k, score="softmax", normalize=True, scale=1.0, bias=None, groups=1, top_groups=None
+):
+    """Modern routers token by token: softmax or sigmoid scores; a selection-only bias; group-limited
+    top-k (a group's score is the sum of its two best biased scores; only the best top_groups groups
+    are eligible); weights are the chosen unbiased scores, renormalised (k > 1) and scaled.
+    Returns (experts [T, k] long, weights [T, k])."""
+    T, E = logits_TE.shape
+    experts, weights = [], []
+    for t in range(T):
+        if score == "softmax":
+            z = [torch.exp(logits_TE[t, e]) for e in range(E)]
+            s = [v / sum(z) for v in z]
+        else:
+            s = [1 / (1 + torch.exp(-logits_TE[t, e])) for e in range(E)]
+        c = [float(s[e].detach()) + (0.0 if bias is None else float(bias[e])) for e in range(E)]
+        eligible = list(range(E))
+        if top_groups is not None and top_groups < groups:
+            size = E // groups
+            group_score = [sum(sorted(c[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(groups)]
+            best = sorted(range(groups), key=lambda g: -group_score[g])[:top_groups]
+            eligible = [e for e in range(E) if e // size in best]
+        ranked = sorted(eligible, key=lambda e: -c[e])[:k]
+        ws = [s[e] for e in ranked]
+        if normalize and k > 1:
+            total = sum(ws)
+            ws = [w / total for w in ws]
+        experts.append(ranked)
+        weights.append(torch.stack([w * scale for w in ws]))
+    return torch.tensor(experts, dtype=torch.long).view(T, k), torch.stack(weights)
+
+
+def reference_shared_expert(x_TM, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate_weight, *, act):
+    rows = []
+    for t in range(x_TM.shape[0]):
+        h = x_TM[t] @ fc1_weight + (0 if fc1_bias is None else fc1_bias)
+        out = activation(act, h) @ fc2_weight + (0 if fc2_bias is None else fc2_bias)
+        if gate_weight is not None:
+            out = out / (1 + torch.exp(-(x_TM[t] @ gate_weight[0])))
+        rows.append(out)
+    return torch.stack(rows)

@@ -9,6 +9,7 @@ from flexmoe.layout import ACTIVATIONS
 
 GATES = ("linear", "cosine")
 AUX_LOSSES = ("gshard", "importance_load")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ALL_TO_ALL_ALGORITHMS = ("flat", "2dh")
 
 
@@ -20,6 +21,25 @@ def _positive_int(name: str, value: object) -> None:
 def _choice(name: str, value: object, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
         raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+
+
+def _validate_modern_routing(c) -> None:
+    """Score function, routed scaling and group-limited top-k (shared by both configs)."""
+    _choice("score_function", c.score_function, SCORE_FUNCTIONS)
+    if not (math.isfinite(c.routed_scaling_factor) and c.routed_scaling_factor > 0):
+        raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {c.routed_scaling_factor}")
+    _positive_int("num_groups", c.num_groups)
+    if c.num_experts % c.num_groups:
+        raise ValueError(f"num_groups={c.num_groups} must divide num_experts={c.num_experts}")
+    if c.top_k_groups is not None:
+        _positive_int("top_k_groups", c.top_k_groups)
+        if c.top_k_groups > c.num_groups:
+            raise ValueError(f"top_k_groups={c.top_k_groups} must not exceed num_groups={c.num_groups}")
+        eligible = c.top_k_groups * (c.num_experts // c.num_groups)
+        if c.top_k > eligible:
+            raise ValueError(
+                f"top_k={c.top_k} must not exceed the {eligible} experts in top_k_groups={c.top_k_groups}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,12 +54,17 @@ class RoutingConfig:
     batch_prioritized_routing: bool = False
     aux_loss: str = "gshard"
     router_z_loss: float = 0.0
+    score_function: str = "softmax"  # "sigmoid": independent scores per expert (DeepSeek-V3)
+    routed_scaling_factor: float = 1.0  # multiplies the (renormalised) top-k weights
+    num_groups: int = 1  # group-limited routing: experts split into num_groups equal groups ...
+    top_k_groups: int | None = None  # ... and only the top_k_groups best groups are eligible (None: all)
 
     def __post_init__(self) -> None:
         _positive_int("num_experts", self.num_experts)
         _positive_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must not exceed num_experts={self.num_experts}")
+        _validate_modern_routing(self)
         if not math.isfinite(self.capacity_factor):
             raise ValueError(f"capacity_factor must be finite, got {self.capacity_factor}")
         if self.gate_noise < 0:
@@ -72,6 +97,15 @@ class MoEConfig:
     pipeline_degree: int | str = "adaptive"
     all_to_all: str = "auto"
     local_world_size: int | None = None
+    score_function: str = "softmax"
+    routed_scaling_factor: float = 1.0
+    num_groups: int = 1
+    top_k_groups: int | None = None
+    # aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for selection only,
+    # moved by this rate towards balance at every `update_expert_bias()`; 0 = off
+    expert_bias_update_rate: float = 0.0
+    shared_hidden_dim: int = 0  # hidden size of an always-on shared expert beside the routed ones; 0 = none
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x @ w) (Qwen2-MoE)
 
     def __post_init__(self) -> None:
         _positive_int("model_dim", self.model_dim)
@@ -91,6 +125,18 @@ class MoEConfig:
         _choice("all_to_all", self.all_to_all, ("auto", *ALL_TO_ALL_ALGORITHMS))
         if self.local_world_size is not None:
             _positive_int("local_world_size", self.local_world_size)
+        if not (math.isfinite(self.expert_bias_update_rate) and self.expert_bias_update_rate >= 0):
+            raise ValueError(
+                f"expert_bias_update_rate must be a finite number >= 0, got {self.expert_bias_update_rate}"
+            )
+        if (
+            isinstance(self.shared_hidden_dim, bool)
+            or not isinstance(self.shared_hidden_dim, int)
+            or self.shared_hidden_dim < 0
+        ):
+            raise ValueError(f"shared_hidden_dim must be an integer >= 0, got {self.shared_hidden_dim!r}")
+        if self.shared_expert_gate and self.shared_hidden_dim == 0:
+            raise ValueError("shared_expert_gate=True needs a shared expert (shared_hidden_dim > 0)")
         self.routing()  # validates the routing fields
         if self.eval_capacity_factor is not None:
             self.routing(training=False)
@@ -108,4 +154,8 @@ class MoEConfig:
             batch_prioritized_routing=self.batch_prioritized_routing,
             aux_loss=self.aux_loss,
             router_z_loss=self.router_z_loss,
+            score_function=self.score_function,
+            routed_scaling_factor=self.routed_scaling_factor,
+            num_groups=self.num_groups,
+            top_k_groups=self.top_k_groups,
         )

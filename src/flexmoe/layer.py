@@ -21,6 +21,7 @@ from flexmoe.gates import build_gate
 from flexmoe.layout import ExpertLayout
 from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
 from flexmoe.routing import RoutingPlan, route, routing_from_topk
+from flexmoe.shared_experts import SharedExperts
 from flexmoe.strategies import build_strategy
 from flexmoe.tuner import PlanTuner, TunerConfig
 
@@ -68,6 +69,13 @@ class MoELayer(nn.Module):
         pipeline_degree: int | str = "adaptive",
         all_to_all: str = "auto",
         local_world_size: int | None = None,
+        score_function: str = "softmax",
+        routed_scaling_factor: float = 1.0,
+        num_groups: int = 1,
+        top_k_groups: int | None = None,
+        expert_bias_update_rate: float = 0.0,
+        shared_hidden_dim: int = 0,
+        shared_expert_gate: bool = False,
         tuner: TunerConfig | bool = True,
         cluster: ClusterSpec | None = None,
         seed: int | None = None,
@@ -95,6 +103,13 @@ class MoELayer(nn.Module):
             pipeline_degree=pipeline_degree,
             all_to_all=all_to_all,
             local_world_size=local_world_size,
+            score_function=score_function,
+            routed_scaling_factor=routed_scaling_factor,
+            num_groups=num_groups,
+            top_k_groups=top_k_groups,
+            expert_bias_update_rate=expert_bias_update_rate,
+            shared_hidden_dim=shared_hidden_dim,
+            shared_expert_gate=shared_expert_gate,
         )
         world_size, rank = _group_size_and_rank(group)
         self.group = group
@@ -122,6 +137,23 @@ class MoELayer(nn.Module):
             else build_gate(gate, model_dim, num_experts, generator=gate_generator, device=device)
         )
         self.experts = Experts(self.layout, seed=self.seed, bias=bias, dtype=dtype, device=device)
+        self.shared_experts = None
+        if shared_hidden_dim:  # drawn after the gate from the same shared stream: identical on every rank
+            self.shared_experts = SharedExperts(
+                model_dim,
+                shared_hidden_dim,
+                activation=activation,
+                bias=bias,
+                gated=shared_expert_gate,
+                generator=gate_generator,
+                dtype=dtype,
+                device=device,
+            )
+        if expert_bias_update_rate > 0:
+            # selection bias (replicated: every rank applies the same update from the group's summed
+            # load) and the load counted by training forwards since the last update
+            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device))
+            self.register_buffer("expert_load", torch.zeros(num_experts, device=device), persistent=False)
         self._strategies: dict[Plan, object] = {}
         # the run-time tuner (True: default settings); False keeps "adaptive" on the static default plan
         if tuner is True:
@@ -271,7 +303,13 @@ class MoELayer(nn.Module):
         if top_k_index is None and top_k_weights is None:
             if self.gate is None:
                 raise ValueError("this layer has no gate (gate=None): pass top_k_index and top_k_weights")
-            return route(self.gate(x_TM), config, training=self.training, agree_capacity=agree)
+            bias_E = getattr(self, "expert_bias", None)
+            routing = route(
+                self.gate(x_TM), config, training=self.training, agree_capacity=agree, selection_bias_E=bias_E
+            )
+            if bias_E is not None and self.training:
+                self.expert_load += routing.demand_E.to(self.expert_load.dtype)
+            return routing
         if top_k_index is None or top_k_weights is None:
             raise ValueError("top_k_index and top_k_weights must be given together")
         T = x_TM.shape[0]
@@ -310,6 +348,8 @@ class MoELayer(nn.Module):
         y_TM = strategy(
             x_TM.to(self.experts.fc1_weight.dtype), routing, is_postscore=self.config.is_postscore
         )
+        if self.shared_experts is not None:
+            y_TM = y_TM + self.shared_experts(x_TM.to(self.experts.fc1_weight.dtype))
         if source == "tuner-explore":
             self._time_trial(routing.capacity, plan, started, x_TM, y_TM)
         self.aux_loss = routing.aux_loss
@@ -318,6 +358,20 @@ class MoELayer(nn.Module):
             r=plan.r, d=plan.d, all_to_all=plan.all_to_all, capacity=routing.capacity, source=source
         )
         return y_TM.to(x.dtype).view(x.shape)
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> torch.Tensor:
+        """Aux-loss-free balancing step (DeepSeek-V3): bias_e += rate * sign(mean load - load_e) over
+        the load of the group's training forwards since the last call; call it once per optimizer
+        step on every rank. Returns the load it used ([E], summed over the group)."""
+        if not hasattr(self, "expert_bias"):
+            raise ValueError("update_expert_bias needs expert_bias_update_rate > 0 at construction")
+        load_E = self.expert_load.clone()
+        if self.layout.world_size > 1:
+            dist.all_reduce(load_E, group=self.group)
+        self.expert_bias += self.config.expert_bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.expert_load.zero_()
+        return load_E
 
     def extra_repr(self) -> str:
         c = self.config

@@ -111,11 +111,13 @@ def route(
     training: bool = False,
     capacity_multiple: int = 1,
     agree_capacity: Callable[[int], int] | None = None,
+    selection_bias_E: torch.Tensor | None = None,
 ) -> RoutingPlan:
     """Route T tokens given their clean gate logits [T, E].
 
     `agree_capacity` turns the local capacity into the group's (all-reduce max); `capacity_multiple`
     pads the buffer capacity (never the drop bound) for chunked pipelines and sharded experts.
+    `selection_bias_E` (aux-loss-free balancing) is added to the scores to choose experts only.
     """
     if logits_TE.dim() != 2 or logits_TE.shape[1] != config.num_experts:
         raise ValueError(f"logits must be [T, {config.num_experts}], got {tuple(logits_TE.shape)}")
@@ -123,10 +125,16 @@ def route(
     k = config.top_k
     noise_std = config.gate_noise / E if training else 0.0
     noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std if noise_std > 0 else logits_TE
-    scores_TE = torch.softmax(noisy_TE, dim=-1)
-    top_TK, experts_TK = scores_TE.topk(k, dim=-1)
+    if config.score_function == "sigmoid":
+        scores_TE = torch.sigmoid(noisy_TE)
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)  # what the balancing losses see
+    else:
+        scores_TE = probs_TE = torch.softmax(noisy_TE, dim=-1)
+    top_TK, experts_TK = _select(scores_TE, config, selection_bias_E)
     renormalize = config.normalize_gate and k > 1
     weights_TK = top_TK / top_TK.sum(-1, keepdim=True) if renormalize else top_TK
+    if config.routed_scaling_factor != 1.0:
+        weights_TK = weights_TK * config.routed_scaling_factor
 
     order_T = None
     if config.batch_prioritized_routing:
@@ -139,8 +147,33 @@ def route(
         order_T=order_T,
         capacity_multiple=capacity_multiple,
         agree_capacity=agree_capacity,
-        aux_loss=_aux_loss(config, logits_TE, noisy_TE, scores_TE, experts_TK, noise_std),
+        aux_loss=_aux_loss(config, logits_TE, noisy_TE, probs_TE, experts_TK, noise_std),
     )
+
+
+def _select(
+    scores_TE: torch.Tensor, config: RoutingConfig, bias_E: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k experts per token (descending) and their scores. The bias and the group limit change
+    which experts are chosen, never the chosen scores (those stay differentiable)."""
+    k, G = config.top_k, config.num_groups
+    limited = config.top_k_groups is not None and config.top_k_groups < G
+    if bias_E is None and not limited:
+        return scores_TE.topk(k, dim=-1)
+    choice_TE = scores_TE.detach()
+    if bias_E is not None:
+        choice_TE = choice_TE + bias_E.to(choice_TE.dtype)
+    if limited:
+        # a group's score is the sum of its two best (biased) scores; keep the top_k_groups groups
+        T, E = choice_TE.shape
+        per_group = E // G
+        grouped_TGS = choice_TE.view(T, G, per_group)
+        group_TG = grouped_TGS.topk(min(2, per_group), dim=-1).values.sum(-1)
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, group_TG.topk(config.top_k_groups, dim=-1).indices, True)
+        choice_TE = grouped_TGS.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
+    experts_TK = choice_TE.topk(k, dim=-1).indices
+    return scores_TE.gather(1, experts_TK), experts_TK
 
 
 def plan_from_choices(

@@ -223,3 +223,48 @@ def test_modern_layer_on_two_ranks_matches_one_process(pool):
         ref.zero_grad()
         for rank in range(2):
             torch.testing.assert_close(per_rank[rank]["bias"][step], ref.expert_bias, rtol=0, atol=0)
+
+
+def test_sigmoid_grouped_biased_routing_matches_transformers_deepseek_v3_router():
+    """The same choices and weights as transformers' DeepSeek-V3 router (read for facts only)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoConfig
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    cfg = AutoConfig.for_model(
+        "deepseek_v3",
+        hidden_size=M,
+        n_routed_experts=16,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    )
+    hf = DeepseekV3TopkRouter(cfg).double()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        hf.weight.copy_(torch.randn(16, M, generator=gen, dtype=torch.float64))
+        hf.e_score_correction_bias.copy_(torch.randn(16, generator=gen, dtype=torch.float64) * 0.2)
+    x = torch.randn(31, M, generator=gen, dtype=torch.float64)
+    _, hf_weights, hf_experts = hf(x)
+    config = RoutingConfig(
+        num_experts=16,
+        top_k=3,
+        capacity_factor=0,
+        score_function="sigmoid",
+        num_groups=4,
+        top_k_groups=2,
+        routed_scaling_factor=2.5,
+    )
+    # transformers computes the router in float32; compare choices exactly and weights to fp32 precision
+    logits = (x.float() @ hf.weight.float().t()).double()
+    plan = route(logits, config, selection_bias_E=hf.e_score_correction_bias)
+
+    def pairs(experts, weights):
+        return {(t, int(e)): float(w) for t in range(31) for e, w in zip(experts[t], weights[t], strict=True)}
+
+    ours, theirs = pairs(plan.experts_TK, plan.weights_TK), pairs(hf_experts, hf_weights)
+    assert ours.keys() == theirs.keys()
+    for key, w in theirs.items():
+        assert abs(ours[key] - w) < 1e-5, key

@@ -115,3 +115,43 @@ def test_shard_experts_refuses_bad_calls():
     logits = model(ids).logits
     fx.unshard_experts(model)
     torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=1e-12)
+
+
+def shard_train_save_worker(path: str) -> None:
+    import flexmoe.integrations.transformers as fx
+    from flexmoe.checkpoint import save_checkpoint
+
+    model = tiny_model("deepseek_v3")
+    fx.shard_experts(model)
+    model.train()
+    ids = _batch(dist.get_rank())
+    model(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                if not is_expert_param(p):
+                    dist.all_reduce(p.grad)
+                p -= LR * p.grad
+    save_checkpoint(path, model, step=1)
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_of_a_sharded_model_reslices_to_one_process(pool, tmp_path):
+    import flexmoe.integrations.transformers as fx
+    from flexmoe.checkpoint import load_checkpoint
+
+    path = str(tmp_path / "ckpt")
+    pool.run(shard_train_save_worker, path)
+    ref = tiny_model("deepseek_v3")
+    ref.train()
+    sum(ref(_batch(r), labels=_batch(r)).loss for r in range(2)).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.grad is not None:
+                p -= LR * p.grad
+    model = fx.shard_experts(tiny_model("deepseek_v3", seed=5))  # other weights: all must be loaded
+    assert load_checkpoint(path, model)["world_size"] == 2
+    fx.unshard_experts(model)
+    want = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), want[n].detach(), rtol=0, atol=1e-10, msg=n)

@@ -155,3 +155,35 @@ def test_checkpoint_of_a_sharded_model_reslices_to_one_process(pool, tmp_path):
     want = dict(ref.named_parameters())
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), want[n].detach(), rtol=0, atol=1e-10, msg=n)
+
+
+def shard_ddp_worker() -> dict:
+    import flexmoe.integrations.transformers as fx
+    from flexmoe.data_parallel import unwrap, wrap_data_parallel
+
+    model = fx.shard_experts(tiny_model("qwen2_moe"))
+    ddp = wrap_data_parallel(model)  # DDP for the replicated parameters, expert shards left out
+    ddp.train()
+    ids = _batch(dist.get_rank())
+    ddp(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in ddp.parameters():
+            if p.grad is not None:
+                p -= LR * p.grad
+    model = fx.unshard_experts(unwrap(ddp))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.timeout(300)
+def test_sharded_model_under_flexmoe_ddp_trains_like_one_process_on_the_mean_loss(pool):
+    per_rank = pool.run(shard_ddp_worker)
+    ref = tiny_model("qwen2_moe")
+    ref.train()
+    (sum(ref(_batch(r), labels=_batch(r)).loss for r in range(2)) / 2).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.grad is not None:
+                p -= LR * p.grad
+    for got in per_rank:
+        for n, p in ref.named_parameters():
+            torch.testing.assert_close(got[n], p.detach(), rtol=0, atol=1e-10, msg=n)

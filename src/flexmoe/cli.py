@@ -8,14 +8,19 @@ import sys
 
 # sub-command -> (module, help); modules are imported only when their command runs
 COMMANDS = {
-    "bench": ("flexmoe.bench", "benchmarks: layer | dist | swin"),
+    "bench": ("flexmoe.bench", "benchmarks: layer | dist | swin | hf"),
     "plan": ("flexmoe.planner", "predict the best plan for a layer on large clusters"),
     "train": ("flexmoe.train", "train a SwinV2-MoE (under torchrun for several processes)"),
     "eval": ("flexmoe.inference", "evaluate a checkpoint on a data set's held-out split"),
     "predict": ("flexmoe.inference", "classify images with a checkpoint"),
     "demo": ("flexmoe.demo", "the demo: SwinV2-MoE on MNIST-5k, 2 processes, adaptive runtime"),
 }
-BENCHMARKS = {"layer": "flexmoe.bench.layer", "dist": "flexmoe.bench.dist", "swin": "flexmoe.bench.swin"}
+BENCHMARKS = {
+    "layer": "flexmoe.bench.layer",
+    "dist": "flexmoe.bench.dist",
+    "swin": "flexmoe.bench.swin",
+    "hf": "flexmoe.bench.hf",
+}
 
 
 def _bench(argv: list[str]) -> None:

@@ -1,0 +1,257 @@
+"""`flexmoe bench hf`: a Qwen3-MoE-shaped transformers model, flexmoe's experts backend against every
+transformers experts backend, training steps (forward, backward, AdamW) in fp32 and bf16.
+
+One process (the default): the whole step per backend, and the experts' part alone (one MoE block's
+experts called on the routing its router gives, forward + backward), with the speedup of "flexmoe"
+over each backend as paired per-round ratios. Under torchrun (`--dist`): flexmoe's `shard_experts`
++ `wrap_data_parallel` against plain DDP with "grouped_mm", step time and the experts' parameter +
+gradient + optimizer memory per rank. Needs the optional extra `flexmoe[transformers]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from flexmoe.bench.common import (
+    add_cpu_allocator_argument,
+    apply_cpu_allocator,
+    environment,
+    format_table,
+    interleaved_times,
+    paired_ratio,
+    write_json,
+)
+
+MODEL = dict(
+    vocab_size=256,
+    hidden_size=512,
+    intermediate_size=1024,
+    moe_intermediate_size=256,
+    num_experts=64,
+    num_experts_per_tok=8,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    norm_topk_prob=True,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+QUICK = dict(
+    MODEL,
+    hidden_size=64,
+    moe_intermediate_size=32,
+    num_experts=8,
+    num_experts_per_tok=2,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    intermediate_size=64,
+)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# gathering every selected expert's weights per token (batched_mm) needs T * k * (3 * M * I) elements
+BATCHED_MM_LIMIT_BYTES = 2 << 30
+
+
+def build_model(config: dict, dtype: torch.dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import flexmoe.integrations.transformers  # noqa: F401  (registers "flexmoe")
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen3_moe", **config)
+    return AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm", dtype=dtype).to(device)
+
+
+def backends(
+    config: dict, tokens: int, dtype: torch.dtype, requested: list[str] | None
+) -> dict[str, str | None]:
+    """backend -> None (runs) or why it is skipped."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    names = requested or ["flexmoe", "eager", *sorted(set(ALL_EXPERTS_FUNCTIONS) - {"flexmoe"})]
+    out = {}
+    for name in names:
+        if name in ("deepgemm", "sonicmoe") and not torch.cuda.is_available():
+            out[name] = "needs CUDA kernels"
+        elif name == "batched_mm":
+            need = tokens * config["num_experts_per_tok"] * 3 * config["hidden_size"]
+            need *= config["moe_intermediate_size"] * torch.finfo(dtype).bits // 8
+            out[name] = (
+                None
+                if need <= BATCHED_MM_LIMIT_BYTES
+                else f"needs {need / 2**30:.0f} GiB of gathered weights"
+            )
+        else:
+            out[name] = None
+    return out
+
+
+def _steps(name: str, model, optimizer, ids, experts, experts_inputs, grad):
+    """A training step of the whole model, and forward + backward of one block's experts."""
+
+    def train_step():
+        model.set_experts_implementation(name)
+        optimizer.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    def experts_step():
+        model.set_experts_implementation(name)
+        experts(*experts_inputs).backward(grad)
+
+    return train_step, experts_step
+
+
+def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], requested, repeats, warmup, device):
+    rows = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        model = build_model(config, dtype, device)
+        model.train()
+        ids = torch.randint(0, config["vocab_size"], (batch, seq), device=device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        # the experts' part: block 0's experts on the routing its own router gives
+        block = model.model.layers[0].mlp
+        h = torch.randn(batch * seq, config["hidden_size"], dtype=dtype, device=device) * 0.5
+        with torch.no_grad():
+            _, top_w, top_i = block.gate(h)
+        h.requires_grad_(True)
+        grad = torch.randn_like(h)
+        available = backends(config, batch * seq, dtype, requested)
+        steps = {}
+        for name, skipped in available.items():
+            if not skipped:
+                steps[f"{name}/step"], steps[f"{name}/experts"] = _steps(
+                    name, model, optimizer, ids, block.experts, (h, top_i, top_w), grad
+                )
+        times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
+        for name, skipped in available.items():
+            row = {"dtype": dtype_name, "backend": name, "skipped": skipped}
+            if not skipped:
+                row["step_ms"] = 1e3 * statistics.median(times[f"{name}/step"])
+                row["experts_ms"] = 1e3 * statistics.median(times[f"{name}/experts"])
+                for part in ("step", "experts"):
+                    row[f"flexmoe_{part}_speedup"] = paired_ratio(
+                        times[f"{name}/{part}"], times[f"flexmoe/{part}"]
+                    )
+            rows.append(row)
+        print(f"done: {dtype_name}", flush=True)
+    return rows
+
+
+def _expert_bytes(model, optimizer) -> int:
+    """Bytes of the experts' parameters, gradients and optimizer state held by this process."""
+    total = 0
+    for name, p in model.named_parameters():
+        if ".experts." not in name:
+            continue
+        total += p.numel() * p.element_size() * (2 if p.grad is not None else 1)
+        for value in optimizer.state.get(p, {}).values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                total += value.numel() * value.element_size()
+    return total
+
+
+def two_process(config: dict, *, batch: int, seq: int, repeats: int, warmup: int, device):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from flexmoe.data_parallel import wrap_data_parallel
+    from flexmoe.integrations.transformers import shard_experts
+
+    rank, W = dist.get_rank(), dist.get_world_size()
+    ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(rank))
+    ids = ids.to(device)
+    variants = {}
+    for name in ("ddp_grouped_mm", "flexmoe_sharded"):
+        model = build_model(config, torch.float32, device)
+        model.train()
+        if name == "flexmoe_sharded":
+            wrapped = wrap_data_parallel(shard_experts(model))
+        else:
+            wrapped = DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-5)
+
+        def step(wrapped=wrapped, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=False)
+            wrapped(ids, labels=ids).loss.backward()
+            optimizer.step()
+
+        variants[name] = (step, model, optimizer)
+    times = interleaved_times(
+        {n: v[0] for n, v in variants.items()}, warmup=warmup, repeats=repeats, device=device
+    )
+    rows = []
+    for name, (_, model, optimizer) in variants.items():
+        seconds = torch.tensor([statistics.median(times[name])], dtype=torch.float64)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        rows.append(
+            {
+                "variant": name,
+                "world_size": W,
+                "step_ms": 1e3 * float(seconds),
+                "expert_MiB_per_rank": _expert_bytes(model, optimizer) / 2**20,
+            }
+        )
+    rows[1]["speedup"] = paired_ratio(times["ddp_grouped_mm"], times["flexmoe_sharded"])
+    rows[1]["memory_ratio"] = rows[1]["expert_MiB_per_rank"] / rows[0]["expert_MiB_per_rank"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="flexmoe bench hf", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a tiny model (smoke test)")
+    parser.add_argument("--dist", action="store_true", help="under torchrun: shard_experts vs DDP")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--backends", default=None, help="comma-separated (default: every registered one)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    add_cpu_allocator_argument(parser)
+    args = parser.parse_args(argv)
+    for name in args.dtypes.split(","):
+        if name not in DTYPES:
+            raise SystemExit(f"--dtypes must be a comma-separated subset of {tuple(DTYPES)}, got {name!r}")
+    allocator = apply_cpu_allocator(args.cpu_allocator)
+    config = QUICK if args.quick else MODEL
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    timing = dict(batch=args.batch, seq=args.seq, repeats=args.repeats, warmup=args.warmup, device=device)
+    if args.dist:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rows = two_process(config, **timing)
+        columns = ("variant", "world_size", "step_ms", "expert_MiB_per_rank", "speedup", "memory_ratio")
+        if dist.get_rank() != 0:
+            dist.destroy_process_group()
+            return {}
+        dist.destroy_process_group()
+    else:
+        requested = args.backends.split(",") if args.backends else None
+        rows = one_process(config, dtypes=args.dtypes.split(","), requested=requested, **timing)
+        columns = (
+            "dtype",
+            "backend",
+            "step_ms",
+            "experts_ms",
+            "flexmoe_step_speedup",
+            "flexmoe_experts_speedup",
+            "skipped",
+        )
+    print(format_table(rows, columns))
+    env = environment(benchmark="hf", model=config, cpu_allocator=allocator, dist=args.dist, **timing)
+    payload = {"environment": env, "results": rows}
+    out = args.out or f"bench_results/hf{'_dist' if args.dist else ''}.json"
+    print(f"wrote {write_json(out, payload)}")
+    return payload

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-dist bench-swin lint gpu-check clean
+.PHONY: install test demo demo-lm bench bench-dist bench-swin lint gpu-check clean
 
 install: $(STAMP)
 
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/flexmoe demo
+
+demo-lm: $(STAMP)
+	$(BIN)/flexmoe lm
 
 bench: $(STAMP)
 	$(BIN)/flexmoe bench layer

@@ -14,6 +14,7 @@ COMMANDS = {
     "eval": ("flexmoe.inference", "evaluate a checkpoint on a data set's held-out split"),
     "predict": ("flexmoe.inference", "classify images with a checkpoint"),
     "demo": ("flexmoe.demo", "the demo: SwinV2-MoE on MNIST-5k, 2 processes, adaptive runtime"),
+    "lm": ("flexmoe.lm", "a byte-level Qwen3-MoE (transformers) on the Python stdlib, experts sharded"),
 }
 BENCHMARKS = {
     "layer": "flexmoe.bench.layer",

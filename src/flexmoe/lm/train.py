@@ -1,0 +1,255 @@
+"""Training of the `flexmoe lm` example: one process per rank (run by `flexmoe lm` under torchrun,
+or called as `train(LMConfig(...))` inside an initialised process group, or on one process).
+
+Every rank builds the same model from the same seed, `shard_experts` keeps 1/W of the experts per
+rank, `wrap_data_parallel` averages the rest; each rank trains on its own random windows of the
+corpus. Reported losses are LM cross-entropy in nats per byte (the router's aux loss excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from flexmoe.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
+from flexmoe.lm.data import VOCAB, ByteCorpus
+from flexmoe.reporting import tuner_report
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMConfig:
+    steps: int = 300
+    batch_size: int = 16  # windows per rank and step
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 128
+    aux_loss_coef: float = 0.01
+    eval_every: int = 50
+    eval_windows: int = 32
+    seed: int = 0
+    max_bytes: int | None = None  # cap on the training bytes (None: the whole corpus)
+    out_dir: str = "runs/lm"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type != "int":
+                continue
+            least = 0 if f.name in ("warmup_steps", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{f.name} must be an integer >= {least}, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0):
+            raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef}")
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} must not exceed experts={self.experts}")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by heads={self.heads}")
+        if self.max_bytes is not None and self.max_bytes <= self.seq_len:
+            raise ValueError(f"max_bytes must exceed seq_len={self.seq_len}, got {self.max_bytes}")
+
+
+def build_model(config: LMConfig):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import flexmoe.integrations.transformers  # noqa: F401  (registers "flexmoe")
+
+    cfg = AutoConfig.for_model(
+        "qwen3_moe",
+        vocab_size=VOCAB,
+        hidden_size=config.hidden_size,
+        intermediate_size=4 * config.hidden_size,
+        moe_intermediate_size=config.moe_intermediate_size,
+        num_experts=config.experts,
+        num_experts_per_tok=config.top_k,
+        norm_topk_prob=True,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        num_key_value_heads=max(1, config.heads // 2),
+        head_dim=config.hidden_size // config.heads,
+        max_position_embeddings=max(512, config.seq_len),
+        output_router_logits=config.aux_loss_coef > 0,
+        router_aux_loss_coef=config.aux_loss_coef,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(config.seed)  # the same weights on every rank
+    return AutoModelForCausalLM.from_config(cfg, experts_implementation="flexmoe")
+
+
+def _lm_loss(out, config: LMConfig) -> torch.Tensor:
+    aux = getattr(out, "aux_loss", None)
+    return out.loss if aux is None else out.loss - config.aux_loss_coef * aux
+
+
+def _mean_over_ranks(values: list[float], world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+@torch.no_grad()
+def evaluate(model, corpus: ByteCorpus, config: LMConfig, rank: int, world: int) -> float:
+    """Mean held-out loss over the same windows on every run; rank r takes windows r, r + W, ..."""
+    windows = corpus.windows(
+        "held_out", config.eval_windows, config.seq_len, torch.Generator().manual_seed(1234)
+    )
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for ids in windows[rank::world].split(config.batch_size):
+        total[0] += float(_lm_loss(model(ids, labels=ids), config).detach()) * ids.shape[0]
+        total[1] += ids.shape[0]
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1])
+
+
+def _lr_at(step: int, config: LMConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(config: LMConfig) -> dict:
+    """Train; returns the metrics (every rank) and writes them (first rank) to config.out_dir."""
+    from flexmoe.integrations.transformers import moe_experts_modules, shard_experts
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    corpus = ByteCorpus.from_stdlib(max_bytes=config.max_bytes)
+    model = shard_experts(build_model(config))
+    layers = [m.flexmoe_layer for m in moe_experts_modules(model).values()]
+    ddp = wrap_data_parallel(model)
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=config.lr, weight_decay=0.01)
+    history, evals = [], []
+    unigram = corpus.unigram_loss()
+    progress = _progress(config.steps, enabled=config.progress and rank == 0)
+    started = time.perf_counter()
+    ddp.train()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1009 + rank)
+        ids = corpus.windows("train", config.batch_size, config.seq_len, gen)
+        out = ddp(ids, labels=ids)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        clip_grad_norm(unwrap(ddp), 1.0)
+        optimizer.step()
+        (loss,) = _mean_over_ranks([float(_lm_loss(out, config).detach())], world)
+        history.append({"step": step + 1, "loss": loss})
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            evals.append({"step": step + 1, "held_out_loss": evaluate(model, corpus, config, rank, world)})
+        progress.set_postfix(
+            loss=f"{loss:.3f}", held_out=f"{evals[-1]['held_out_loss']:.3f}" if evals else "-"
+        )
+        progress.update(1)
+        if rank == 0 and not config.progress and (step + 1) % config.eval_every == 0:
+            print(f"step {step + 1}: loss {loss:.4f}, held-out {evals[-1]['held_out_loss']:.4f}", flush=True)
+    progress.close()
+    metrics = {
+        "final_held_out_loss": evals[-1]["held_out_loss"],
+        "unigram_loss": unigram,
+        "seconds": time.perf_counter() - started,
+        "world_size": world,
+        "steps": history,
+        "evals": evals,
+        "corpus": corpus.summary(),
+        "tuner": tuner_report(layers),
+        "config": asdict(config),
+    }
+    if rank == 0:
+        _write(Path(config.out_dir), metrics)
+    return metrics
+
+
+def _progress(total: int, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="flexmoe lm", disable=not enabled, dynamic_ncols=True)
+
+
+def _write(out: Path, metrics: dict) -> None:
+    from flexmoe.bench.common import environment, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics["environment"] = environment()
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the demo extra brings matplotlib; the metrics need nothing
+        plt = None
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([h["step"] for h in metrics["steps"]], [h["loss"] for h in metrics["steps"]], label="train")
+        ax.plot(
+            [e["step"] for e in metrics["evals"]],
+            [e["held_out_loss"] for e in metrics["evals"]],
+            "o-",
+            label="held-out",
+        )
+        ax.axhline(metrics["unigram_loss"], color="gray", linestyle="--", label="unigram baseline")
+        ax.set(xlabel="step", ylabel="nats per byte", title="byte-level Qwen3-MoE on the Python stdlib")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=100)
+        plt.close(fig)
+        metrics["plots"] = [str(out / "loss.png")]
+    write_json(out / "metrics.json", metrics)
+
+
+def parse_args(argv: list[str] | None = None) -> LMConfig:
+    defaults = LMConfig()
+    p = argparse.ArgumentParser(prog="flexmoe lm", description=__doc__)
+    for f in fields(LMConfig):
+        if f.name == "progress":
+            p.add_argument("--no-progress", dest="progress", action="store_false")
+            continue
+        kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
+    try:
+        return LMConfig(**vars(p.parse_args(argv)))
+    except ValueError as exc:
+        raise SystemExit(f"flexmoe lm: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from flexmoe.train import init_distributed
+
+    config = parse_args(argv)
+    rank, _, _ = init_distributed()
+    metrics = train(config)
+    if rank == 0:
+        print(
+            f"held_out_loss={metrics['final_held_out_loss']:.4f} unigram_loss={metrics['unigram_loss']:.4f} "
+            f"(nats per byte) wrote {config.out_dir}/metrics.json",
+            flush=True,
+        )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -262,7 +262,11 @@ def test_sigmoid_grouped_biased_routing_matches_transformers_deepseek_v3_router(
     plan = route(logits, config, selection_bias_E=hf.e_score_correction_bias)
 
     def pairs(experts, weights):
-        return {(t, int(e)): float(w) for t in range(31) for e, w in zip(experts[t], weights[t], strict=True)}
+        return {
+            (t, int(e)): float(w)
+            for t in range(31)
+            for e, w in zip(experts[t], weights[t].detach(), strict=True)
+        }
 
     ours, theirs = pairs(plan.experts_TK, plan.weights_TK), pairs(hf_experts, hf_weights)
     assert ours.keys() == theirs.keys()

@@ -136,6 +136,7 @@ def test_aux_free_bias_update_rule():
         (dict(expert_bias_update_rate=-1.0), "expert_bias_update_rate"),
         (dict(shared_hidden_dim=-2), "shared_hidden_dim"),
         (dict(shared_expert_gate=True), "shared_expert_gate=True needs"),
+        (dict(expert_bias_update_rate=0.1, gate=None), "needs the layer's own gate"),
     ],
 )
 def test_options_are_validated(kwargs, match):

@@ -135,6 +135,8 @@ class MoEConfig:
             or self.shared_hidden_dim < 0
         ):
             raise ValueError(f"shared_hidden_dim must be an integer >= 0, got {self.shared_hidden_dim!r}")
+        if self.expert_bias_update_rate > 0 and self.gate is None:
+            raise ValueError("expert_bias_update_rate > 0 needs the layer's own gate (got gate=None)")
         if self.shared_expert_gate and self.shared_hidden_dim == 0:
             raise ValueError("shared_expert_gate=True needs a shared expert (shared_hidden_dim > 0)")
         self.routing()  # validates the routing fields

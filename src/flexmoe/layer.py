@@ -345,11 +345,10 @@ class MoELayer(nn.Module):
             plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
         plan, strategy = self._strategy(plan)
         routing = routing.padded_to(strategy.capacity_multiple)
-        y_TM = strategy(
-            x_TM.to(self.experts.fc1_weight.dtype), routing, is_postscore=self.config.is_postscore
-        )
+        x_in = x_TM.to(self.experts.fc1_weight.dtype)
+        y_TM = strategy(x_in, routing, is_postscore=self.config.is_postscore)
         if self.shared_experts is not None:
-            y_TM = y_TM + self.shared_experts(x_TM.to(self.experts.fc1_weight.dtype))
+            y_TM = y_TM + self.shared_experts(x_in)
         if source == "tuner-explore":
             self._time_trial(routing.capacity, plan, started, x_TM, y_TM)
         self.aux_loss = routing.aux_loss

@@ -157,7 +157,9 @@ def _expert_bytes(model, optimizer) -> int:
     return total
 
 
-def two_process(config: dict, *, batch: int, seq: int, repeats: int, warmup: int, device):
+def two_process(
+    config: dict, *, batch: int, seq: int, repeats: int, warmup: int, device, layer_options: dict
+):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -172,7 +174,7 @@ def two_process(config: dict, *, batch: int, seq: int, repeats: int, warmup: int
         model = build_model(config, torch.float32, device)
         model.train()
         if name == "flexmoe_sharded":
-            wrapped = wrap_data_parallel(shard_experts(model))
+            wrapped = wrap_data_parallel(shard_experts(model, **layer_options))
         else:
             wrapped = DistributedDataParallel(model)
         optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-5)
@@ -213,6 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backends", default=None, help="comma-separated (default: every registered one)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--plan",
+        default="adaptive",
+        help="--dist: 'adaptive' (the tuner, exploring during the first steps) or r,d (e.g. 1,1; flat)",
+    )
     parser.add_argument("--out", default=None)
     add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)
@@ -231,7 +238,16 @@ def main(argv: list[str] | None = None) -> dict:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rows = two_process(config, **timing)
+        layer_options = {}
+        if args.plan != "adaptive":
+            try:
+                r, d = (int(v) for v in args.plan.split(","))
+            except ValueError:
+                raise SystemExit(
+                    f"--plan must be 'adaptive' or r,d (two integers), got {args.plan!r}"
+                ) from None
+            layer_options = dict(parallelism=r, pipeline_degree=d, all_to_all="flat")
+        rows = two_process(config, layer_options=layer_options, **timing)
         columns = ("variant", "world_size", "step_ms", "expert_MiB_per_rank", "speedup", "memory_ratio")
         if dist.get_rank() != 0:
             dist.destroy_process_group()
@@ -250,7 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
             "skipped",
         )
     print(format_table(rows, columns))
-    env = environment(benchmark="hf", model=config, cpu_allocator=allocator, dist=args.dist, **timing)
+    env = environment(
+        benchmark="hf", model=config, cpu_allocator=allocator, dist=args.dist, plan=args.plan, **timing
+    )
     payload = {"environment": env, "results": rows}
     out = args.out or f"bench_results/hf{'_dist' if args.dist else ''}.json"
     print(f"wrote {write_json(out, payload)}")

@@ -76,3 +76,10 @@ def test_two_rank_training_learns_and_writes_its_report(tmp_path):
     assert len(losses) == 8 and losses[-1] < losses[0]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["world_size"] == 2 and len(saved["tuner"]) == 2 and saved["evals"][-1]["step"] == 8
+
+
+def test_launcher_rejects_a_bad_process_count():
+    from flexmoe.lm import main as launch
+
+    with pytest.raises(SystemExit, match="--nproc"):
+        launch(["--nproc", "0"])

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from flexmoe.layout import ACTIVATIONS
 
 GATES = ("linear", "cosine")
 AUX_LOSSES = ("gshard", "importance_load")
 ALL_TO_ALL_ALGORITHMS = ("flat", "2dh")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -6,19 +6,22 @@ Legend: T tokens (all leading dims of x flattened), M model dim, E experts.
 from __future__ import annotations
 
 import os
+import struct
 import time
+import zlib
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe.comm import ExpertGroups, agree_max, check_agreement
-from flexmoe.config import ALL_TO_ALL_ALGORITHMS, MoEConfig
+from flexmoe import agreement
+from flexmoe.comm import ExpertGroups
+from flexmoe.config import ALL_TO_ALL_ALGORITHMS, AUX_LOSSES, FLOAT_DTYPES, GATES, MoEConfig
 from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
 from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
-from flexmoe.layout import ExpertLayout
+from flexmoe.layout import ACTIVATIONS, ExpertLayout
 from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
 from flexmoe.routing import RoutingPlan, route
 from flexmoe.strategies import build_strategy
@@ -98,6 +101,10 @@ class MoELayer(nn.Module):
         )
         world_size, rank = _group_size_and_rank(group)
         self.group = group
+        # ranks per node: set explicitly, or the topology torchrun reports
+        local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+        # before anything that depends on the settings runs a collective (subgroups, the seed)
+        self._check_ranks_agree(world_size, dtype, local_world_size, bool(tuner), device)
         self.layout = ExpertLayout(
             num_experts=num_experts,
             model_dim=model_dim,
@@ -110,8 +117,7 @@ class MoELayer(nn.Module):
         self.groups = ExpertGroups(
             group,
             shards_per_expert=self.layout.shards_per_expert,
-            # ranks per node: set explicitly, or the topology torchrun reports
-            local_world_size=local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None,
+            local_world_size=local_world_size,
         )
         self.seed = _shared_seed(seed, group, world_size)
         gate_generator = torch.Generator().manual_seed(self.seed)
@@ -208,28 +214,64 @@ class MoELayer(nn.Module):
             self._strategies[plan] = build_strategy(plan, self.experts, self.groups)
         return plan, self._strategies[plan]
 
+    def _layer_fields(self, dtype, local_world_size, tuner: bool) -> list[agreement.Field]:
+        """Every setting that must be equal on all ranks of the group, as fixed-size codes."""
+        c = self.config
+        f = agreement
+        return [
+            f.int_field("model_dim", c.model_dim),
+            f.int_field("hidden_dim", c.hidden_dim),
+            f.int_field("num_experts", c.num_experts),
+            f.int_field("top_k", c.top_k),
+            f.choice_field("activation", c.activation, ACTIVATIONS),
+            f.choice_field("gate", c.gate, GATES),
+            f.choice_field("bias", c.bias, (False, True)),
+            f.choice_field("dtype", dtype or torch.get_default_dtype(), FLOAT_DTYPES),
+            f.float_field("capacity_factor", c.capacity_factor),
+            f.float_field("eval_capacity_factor", c.eval_capacity_factor),
+            f.float_field("gate_noise", c.gate_noise),
+            f.choice_field("normalize_gate", c.normalize_gate, (False, True)),
+            f.choice_field("batch_prioritized_routing", c.batch_prioritized_routing, (False, True)),
+            f.choice_field("is_postscore", c.is_postscore, (False, True)),
+            f.choice_field("aux_loss", c.aux_loss, AUX_LOSSES),
+            f.float_field("router_z_loss", c.router_z_loss),
+            f.int_field("parallelism", c.parallelism, unset="'adaptive'"),
+            f.int_field("pipeline_degree", c.pipeline_degree, unset="'adaptive'"),
+            f.choice_field("all_to_all", c.all_to_all, ("auto", *ALL_TO_ALL_ALGORITHMS)),
+            f.int_field("local_world_size", local_world_size),
+            f.choice_field("tuner", tuner, (False, True)),
+        ]
+
+    def _check_ranks_agree(self, world_size: int, dtype, local_world_size, tuner: bool, device) -> None:
+        """Once per layer: all ranks built it with the same shapes and settings (ValueError naming
+        every rank's value otherwise). A fingerprint of them is re-checked at every step."""
+        fields = self._layer_fields(dtype, local_world_size, tuner)
+        self._fingerprint = zlib.crc32(struct.pack(f"<{len(fields)}q", *(f.code for f in fields)))
+        if world_size > 1:
+            agreement.agree(fields, group=self.group, device=device, what="MoELayer construction")
+
     def _agree_capacity(self, plan: Plan | None, device) -> Callable[[int], int] | None:
-        """Ranks must run the same plan on the same shapes, or the collectives would hang: check it,
-        and take the group's largest capacity, before any token moves."""
+        """Ranks must run the same plan on the same shapes, or the collectives would hang or abort:
+        check it, and take the group's largest capacity, before any token moves. One fixed-size
+        collective whatever the plan (a forced and an adaptive step send the same vector)."""
         if self.layout.world_size == 1:
             return None
-        checks = {
-            "model_dim": self.config.model_dim,
-            "training": int(self.training),
-            "adaptive": int(plan is None),
-        }
-        if plan is not None:
-            checks.update(
-                {
-                    "plan.r": plan.r,
-                    "plan.d": plan.d,
-                    "plan.all_to_all": ALL_TO_ALL_ALGORITHMS.index(plan.all_to_all),
-                }
-            )
+        f = agreement
+        fields = [
+            f.Field("layer settings (fingerprint)", self._fingerprint),
+            f.choice_field("parameter dtype", self.experts.fc1_weight.dtype, FLOAT_DTYPES),
+            f.choice_field("training", self.training, (False, True)),
+            f.int_field("plan.r", None if plan is None else plan.r, unset="adaptive"),
+            f.int_field("plan.d", None if plan is None else plan.d, unset="adaptive"),
+            f.choice_field(
+                "plan.all_to_all",
+                "adaptive" if plan is None else plan.all_to_all,
+                ("adaptive", *ALL_TO_ALL_ALGORITHMS),
+            ),
+        ]
 
         def agree(capacity: int) -> int:
-            check_agreement(checks, self.group, device=device)
-            return agree_max([capacity], self.group, device=device)[0]
+            return f.agree(fields, [capacity], self.group, device=device, what="MoELayer forward")[0]
 
         return agree
 

@@ -130,3 +130,30 @@ def test_agree_takes_maxima_and_names_every_rank(pool2):
 
 def test_single_process_has_nothing_to_agree():
     assert agree([int_field("a", 1)], [7]) == [7]
+
+
+# -- copies of a distributed layer -----------------------------------------------------------------
+def copy_worker() -> dict:
+    import copy
+    import pickle
+
+    layer = MoELayer(M, H, E, seed=5, dtype=torch.float64)
+    x = torch.randn(6, M, dtype=torch.float64, generator=torch.Generator().manual_seed(dist.get_rank()))
+    (layer(x, plan=Plan(r=1)).sum() + layer.aux_loss).backward()
+    twin = copy.deepcopy(layer)  # shares the process groups, copies the shards
+    layer.eval(), twin.eval()
+    with torch.no_grad():
+        same = torch.equal(layer(x, plan=Plan(r=1)), twin(x, plan=Plan(r=1)))
+    try:
+        pickle.dumps(layer)
+        refused = None
+    except TypeError as err:
+        refused = str(err)
+    return {"same": same, "shared": twin.groups.group is layer.groups.group, "refused": refused}
+
+
+@pytest.mark.timeout(60)
+def test_a_distributed_layer_deep_copies_and_refuses_pickle_clearly(pool2):
+    for res in pool2.run(copy_worker):
+        assert res["same"] and res["shared"]
+        assert "cannot be pickled" in res["refused"] and "save_checkpoint" in res["refused"]

@@ -5,6 +5,7 @@ Legend: T tokens (all leading dims of x flattened), M model dim, E experts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import time
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flexmoe import agreement
-from flexmoe.comm import ExpertGroups
+from flexmoe.comm import ExpertGroups, WeakGroup
 from flexmoe.config import ALL_TO_ALL_ALGORITHMS, AUX_LOSSES, FLOAT_DTYPES, GATES, MoEConfig
 from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
 from flexmoe.experts import Experts
@@ -43,6 +44,18 @@ def _shared_seed(seed: int | None, group, world_size: int) -> int:
         dist.broadcast_object_list(box, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
         seed = box[0]
     return seed
+
+
+class _PlanRanker:
+    """The tuner's ranking: capacity -> candidate plans, best predicted first. An object rather than
+    a closure so that a layer pickles (torch.save) and deep-copies."""
+
+    def __init__(self, model: CostModel, plans: list[Plan], shape: dict):
+        self.model, self.plans, self.shape = model, plans, shape
+
+    def __call__(self, capacity: int):
+        tokens = capacity * self.shape["num_experts"] // self.shape["top_k"]
+        return self.model.rank(LayerShape(capacity=capacity, tokens=tokens, **self.shape), self.plans)
 
 
 class MoELayer(nn.Module):
@@ -100,7 +113,7 @@ class MoELayer(nn.Module):
             local_world_size=local_world_size,
         )
         world_size, rank = _group_size_and_rank(group)
-        self.group = group
+        self._group = WeakGroup(group)  # held weakly: a layer must not outlive destroy_process_group's
         # ranks per node: set explicitly, or the topology torchrun reports
         local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
         # before anything that depends on the settings runs a collective (subgroups, the seed)
@@ -131,6 +144,22 @@ class MoELayer(nn.Module):
         self.aux_loss = torch.zeros((), device=device)
         self.last_plan: PlanRecord | None = None
         self.last_routing: RoutingPlan | None = None
+
+    @property
+    def group(self):
+        """The process group given at construction (None: WORLD when initialised, else one process)."""
+        return self._group()
+
+    # -- copies and pickles ------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """copy.deepcopy (EMA, AveragedModel) and torch.save/pickle take the parameters and settings,
+        not what the last forward left behind: graph-attached tensors cannot be copied, and the
+        strategies are rebuilt on demand. Process groups are shared by a copy (WeakGroup)."""
+        state = self.__dict__.copy()
+        state["_strategies"] = {}
+        state["last_routing"] = None
+        state["aux_loss"] = self.aux_loss.detach()
+        return state
 
     # -- plans -------------------------------------------------------------------------------------
     def _check_fixed_settings(self) -> None:
@@ -173,12 +202,7 @@ class MoELayer(nn.Module):
             and (p.r == 0 or c.all_to_all in ("auto", p.all_to_all))
         ] or [self._fixed_plan()]
         model = CostModel(cluster or default_cluster(device))
-
-        def rank_plans(capacity: int):
-            layer_shape = LayerShape(capacity=capacity, tokens=capacity * c.num_experts // c.top_k, **shape)
-            return model.rank(layer_shape, plans)
-
-        return PlanTuner(plans, rank_plans, config=config, group=self.group)
+        return PlanTuner(plans, _PlanRanker(model, plans, shape), config=config, group=self.group)
 
     def _fixed_plan(self) -> Plan:
         c = self.config
@@ -324,7 +348,7 @@ class MoELayer(nn.Module):
         if source == "tuner-explore":
             self._time_trial(routing.capacity, plan, started, x_TM, y_TM)
         self.aux_loss = routing.aux_loss
-        self.last_routing = routing
+        self.last_routing = _detached(routing)  # for inspection; must not keep the graph alive
         self.last_plan = PlanRecord(
             r=plan.r, d=plan.d, all_to_all=plan.all_to_all, capacity=routing.capacity, source=source
         )
@@ -336,3 +360,12 @@ class MoELayer(nn.Module):
             f"model_dim={c.model_dim}, hidden_dim={c.hidden_dim}, num_experts={c.num_experts}, "
             f"top_k={c.top_k}, world_size={self.layout.world_size}"
         )
+
+
+def _detached(routing: RoutingPlan) -> RoutingPlan:
+    return dataclasses.replace(
+        routing,
+        weights_TK=routing.weights_TK.detach(),
+        weight_N=routing.weight_N.detach(),
+        aux_loss=routing.aux_loss.detach(),
+    )

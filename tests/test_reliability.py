@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import pickle
 
 import pytest

@@ -157,3 +157,15 @@ def test_a_distributed_layer_deep_copies_and_refuses_pickle_clearly(pool2):
     for res in pool2.run(copy_worker):
         assert res["same"] and res["shared"]
         assert "cannot be pickled" in res["refused"] and "save_checkpoint" in res["refused"]
+
+
+# -- settings that cannot run ----------------------------------------------------------------------
+def fixed_2dh_worker(local_world_size: int | None) -> str | None:
+    return _error(lambda: MoELayer(M, H, E, all_to_all="2dh", local_world_size=local_world_size))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("local_world_size", [None, 2])
+def test_a_fixed_2dh_that_cannot_run_is_refused_at_construction(pool2, local_world_size):
+    for message in pool2.run(fixed_2dh_worker, local_world_size):
+        assert message is not None and "all_to_all='2dh' needs local_world_size" in message

@@ -75,3 +75,88 @@ def test_last_routing_does_not_hold_the_graph():
     assert not routing.weights_TK.requires_grad and not routing.weight_N.requires_grad
     assert not routing.aux_loss.requires_grad
     assert layer.aux_loss.requires_grad  # the loss the user adds still carries its gradient
+
+
+# -- capacity --------------------------------------------------------------------------------------
+def test_capacity_never_exceeds_the_token_count():
+    layer = MoELayer(M, H, E, top_k=2, capacity_factor=1e6, seed=0, parallelism=1, tuner=False)
+    x = torch.randn(64, M)
+    y = layer(x)
+    assert layer.last_plan.capacity == 64  # not ceil(2 * 1e6 * 64 / 4) = 32,000,000
+    dropless = MoELayer(M, H, E, top_k=2, capacity_factor=0.0, seed=0, parallelism=1, tuner=False)
+    torch.testing.assert_close(y, dropless(x))  # nothing is dropped either way
+
+
+# -- constructor arguments -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        (dict(gate_noise=float("nan")), "gate_noise"),
+        (dict(gate_noise=-1.0), "gate_noise"),
+        (dict(router_z_loss=float("nan")), "router_z_loss"),
+        (dict(router_z_loss=float("inf")), "router_z_loss"),
+        (dict(normalize_gate="no"), "normalize_gate must be True or False"),
+        (dict(batch_prioritized_routing=1), "batch_prioritized_routing must be True or False"),
+        (dict(is_postscore=None), "is_postscore must be True or False"),
+        (dict(bias="yes"), "bias must be True or False"),
+        (dict(capacity_factor="1.0"), "capacity_factor must be a finite number"),
+        (dict(capacity_factor=True), "capacity_factor must be a finite number"),
+        (dict(eval_capacity_factor=float("nan")), "eval_capacity_factor must be a finite number"),
+        (dict(eval_capacity_factor="0"), "eval_capacity_factor must be a finite number"),
+        (dict(dtype=torch.int32), "dtype must be None or one of"),
+        (dict(top_k=1.0), "top_k must be a positive integer"),
+        (dict(gate=["linear"]), "gate must be one of"),
+        (dict(activation="tanh"), "activation must be one of"),
+        (dict(seed="1"), "seed must be None or an int"),
+        (dict(tuner="yes"), "tuner must be True, False or"),
+        (dict(parallelism=1.5), "parallelism must be 'adaptive' or an int"),
+        (dict(pipeline_degree=0), "pipeline_degree must be a positive integer"),
+        (dict(all_to_all="ring"), "all_to_all must be one of"),
+        (dict(local_world_size=0), "local_world_size must be a positive integer"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_argument(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        MoELayer(M, H, E, **kwargs)
+
+
+def test_routing_config_checks_its_fields_too():
+    from flexmoe.config import RoutingConfig
+
+    with pytest.raises(ValueError, match="gate_noise"):
+        RoutingConfig(num_experts=4, gate_noise=float("nan"))
+    with pytest.raises(ValueError, match="normalize_gate"):
+        RoutingConfig(num_experts=4, normalize_gate="no")
+
+
+# -- the functional API ----------------------------------------------------------------------------
+def test_dispatch_and_combine_check_shapes_against_the_plan():
+    from flexmoe.config import RoutingConfig
+    from flexmoe.dispatch import combine, dispatch
+    from flexmoe.routing import route
+
+    plan = route(torch.randn(10, E), RoutingConfig(num_experts=E, top_k=2, capacity_factor=1.0))
+    x = torch.randn(10, M)
+    buffer = dispatch(x, plan)
+    assert buffer.shape == (E, plan.buffer_capacity, M)
+    assert combine(buffer, plan).shape == (10, M)
+    for bad in (torch.randn(12, M), torch.randn(8, M), torch.randn(10)):
+        with pytest.raises(ValueError, match=rf"T=10 tokens, got shape \({bad.shape[0]}"):
+            dispatch(bad, plan)
+    wrong_capacity = torch.randn(E, plan.buffer_capacity + 1, M)
+    with pytest.raises(ValueError, match=rf"\[{E}, {plan.buffer_capacity}, M\].*got shape \({E}, "):
+        combine(wrong_capacity, plan)
+    with pytest.raises(ValueError, match="combine: expert_out must be"):
+        combine(torch.randn(E + 1, plan.buffer_capacity, M), plan)
+
+
+# -- what last_plan records ------------------------------------------------------------------------
+def test_a_forced_plan_on_one_process_is_recorded_as_asked():
+    from flexmoe import Plan
+
+    layer = MoELayer(M, H, E, seed=0)
+    x = torch.randn(6, M)
+    y = layer(x, plan=Plan(r=0, d=4))
+    record = layer.last_plan
+    assert (record.r, record.d, record.all_to_all, record.source) == (0, 4, "flat", "forced")
+    torch.testing.assert_close(y, layer(x, plan=Plan(r=1, d=1)))  # the same local computation

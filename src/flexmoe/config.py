@@ -21,8 +21,28 @@ def _positive_int(name: str, value: object) -> None:
 
 
 def _choice(name: str, value: object, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
+    if not isinstance(value, str) or value not in accepted:
         raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+
+
+def _flag(name: str, value: object) -> None:
+    # a string such as "no" would otherwise count as true
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _number(name: str, value: object, *, at_least: float | None = None) -> None:
+    """A finite int or float (not a bool, not a string), optionally >= `at_least`."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (at_least is not None and value < at_least):
+        bound = "" if at_least is None else f" >= {at_least:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def check_dtype(dtype: object) -> None:
+    """The parameter dtype of a layer: None (torch's default) or a floating point dtype."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,12 +63,11 @@ class RoutingConfig:
         _positive_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must not exceed num_experts={self.num_experts}")
-        if not math.isfinite(self.capacity_factor):
-            raise ValueError(f"capacity_factor must be finite, got {self.capacity_factor}")
-        if self.gate_noise < 0:
-            raise ValueError(f"gate_noise must be >= 0, got {self.gate_noise}")
-        if self.router_z_loss < 0:
-            raise ValueError(f"router_z_loss must be >= 0, got {self.router_z_loss}")
+        _number("capacity_factor", self.capacity_factor)
+        _number("gate_noise", self.gate_noise, at_least=0)
+        _number("router_z_loss", self.router_z_loss, at_least=0)
+        _flag("normalize_gate", self.normalize_gate)
+        _flag("batch_prioritized_routing", self.batch_prioritized_routing)
         _choice("aux_loss", self.aux_loss, AUX_LOSSES)
 
 
@@ -82,6 +101,8 @@ class MoEConfig:
         _positive_int("num_experts", self.num_experts)
         _choice("gate", self.gate, GATES)
         _choice("activation", self.activation, ACTIVATIONS)
+        _flag("is_postscore", self.is_postscore)
+        _flag("bias", self.bias)
         if self.parallelism != "adaptive" and (
             isinstance(self.parallelism, bool)
             or not isinstance(self.parallelism, int)
@@ -95,7 +116,7 @@ class MoEConfig:
             _positive_int("local_world_size", self.local_world_size)
         self.routing()  # validates the routing fields
         if self.eval_capacity_factor is not None:
-            self.routing(training=False)
+            _number("eval_capacity_factor", self.eval_capacity_factor)
 
     def routing(self, *, training: bool = True) -> RoutingConfig:
         cf = self.capacity_factor

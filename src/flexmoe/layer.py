@@ -18,7 +18,7 @@ from torch import nn
 
 from flexmoe import agreement
 from flexmoe.comm import ExpertGroups, WeakGroup
-from flexmoe.config import ALL_TO_ALL_ALGORITHMS, AUX_LOSSES, FLOAT_DTYPES, GATES, MoEConfig
+from flexmoe.config import ALL_TO_ALL_ALGORITHMS, AUX_LOSSES, FLOAT_DTYPES, GATES, MoEConfig, check_dtype
 from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
 from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
@@ -112,6 +112,11 @@ class MoELayer(nn.Module):
             all_to_all=all_to_all,
             local_world_size=local_world_size,
         )
+        check_dtype(dtype)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be None or an int, got {seed!r}")
+        if not isinstance(tuner, TunerConfig | bool):
+            raise ValueError(f"tuner must be True, False or a flexmoe.tuner.TunerConfig, got {tuner!r}")
         world_size, rank = _group_size_and_rank(group)
         self._group = WeakGroup(group)  # held weakly: a layer must not outlive destroy_process_group's
         # ranks per node: set explicitly, or the topology torchrun reports
@@ -132,6 +137,7 @@ class MoELayer(nn.Module):
             shards_per_expert=self.layout.shards_per_expert,
             local_world_size=local_world_size,
         )
+        self._check_all_to_all()
         self.seed = _shared_seed(seed, group, world_size)
         gate_generator = torch.Generator().manual_seed(self.seed)
         self.gate = build_gate(gate, model_dim, num_experts, generator=gate_generator, device=device)
@@ -168,6 +174,15 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"parallelism must be 'adaptive' or one of {self.layout.valid_degrees} for "
                 f"E={c.num_experts} on {self.layout.world_size} ranks, got {c.parallelism}"
+            )
+
+    def _check_all_to_all(self) -> None:
+        """A fixed "2dh" that cannot run is refused now, as a forced Plan(all_to_all="2dh") is, rather
+        than silently running flat (one process runs every plan locally, so it accepts it)."""
+        if self.config.all_to_all == "2dh" and self.layout.world_size > 1 and not self.groups.supports_2dh:
+            raise ValueError(
+                "all_to_all='2dh' needs local_world_size L with 1 < L < W and W % L == 0 "
+                f"(W={self.layout.world_size}, L={self.groups.local_world_size}); use 'flat' or 'auto'"
             )
 
     @property
@@ -227,16 +242,17 @@ class MoELayer(nn.Module):
         return None, "tuner"
 
     def _strategy(self, plan: Plan):
-        if self.layout.world_size == 1:
-            plan = STATIC_DEFAULT  # one process: every plan is the same local computation
-        if plan.all_to_all == "2dh" and not self.groups.supports_2dh:
+        """(the plan to record, the strategy that runs it). One process: every plan is the same local
+        computation, which runs as the static default, but last_plan records the plan asked for."""
+        run = STATIC_DEFAULT if self.layout.world_size == 1 else plan
+        if run.all_to_all == "2dh" and not self.groups.supports_2dh:
             raise ValueError(
                 "all_to_all='2dh' needs local_world_size L with 1 < L < W and W % L == 0 "
                 f"(W={self.layout.world_size}, L={self.groups.local_world_size}); use 'flat'"
             )
-        if plan not in self._strategies:
-            self._strategies[plan] = build_strategy(plan, self.experts, self.groups)
-        return plan, self._strategies[plan]
+        if run not in self._strategies:
+            self._strategies[run] = build_strategy(run, self.experts, self.groups)
+        return plan, self._strategies[run]
 
     def _layer_fields(self, dtype, local_world_size, tuner: bool) -> list[agreement.Field]:
         """Every setting that must be equal on all ranks of the group, as fixed-size codes."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from flexmoe.comm import _comm_device  # where small control tensors live (NCCL: CUDA)
+
 __all__ = ["Field", "agree", "choice_field", "float_field", "int_field"]
 
 # The code of "not set" (None, "adaptive") in int fields that are otherwise >= 0.
@@ -58,15 +60,6 @@ def choice_field(name: str, value: object, accepted: Sequence[object]) -> Field:
 
 def _bits_to_float(code: int) -> float:
     return struct.unpack("<d", struct.pack("<q", code))[0]
-
-
-def _comm_device(group, device) -> torch.device:
-    """Where the vector must live: NCCL moves only CUDA tensors."""
-    if device is not None:
-        return torch.device(device)
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _differences(fields: Sequence[Field], table_WK: list[list[int]]) -> list[str]:

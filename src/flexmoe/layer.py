@@ -122,7 +122,7 @@ class MoELayer(nn.Module):
         # ranks per node: set explicitly, or the topology torchrun reports
         local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
         # before anything that depends on the settings runs a collective (subgroups, the seed)
-        self._check_ranks_agree(world_size, dtype, local_world_size, bool(tuner), device)
+        self._check_ranks_agree(world_size, dtype, local_world_size, bool(tuner))
         self.layout = ExpertLayout(
             num_experts=num_experts,
             model_dim=model_dim,
@@ -282,13 +282,14 @@ class MoELayer(nn.Module):
             f.choice_field("tuner", tuner, (False, True)),
         ]
 
-    def _check_ranks_agree(self, world_size: int, dtype, local_world_size, tuner: bool, device) -> None:
+    def _check_ranks_agree(self, world_size: int, dtype, local_world_size, tuner: bool) -> None:
         """Once per layer: all ranks built it with the same shapes and settings (ValueError naming
         every rank's value otherwise). A fingerprint of them is re-checked at every step."""
         fields = self._layer_fields(dtype, local_world_size, tuner)
         self._fingerprint = zlib.crc32(struct.pack(f"<{len(fields)}q", *(f.code for f in fields)))
         if world_size > 1:
-            agreement.agree(fields, group=self.group, device=device, what="MoELayer construction")
+            # on the backend's own device (CPU for gloo, the current GPU for NCCL)
+            agreement.agree(fields, group=self.group, what="MoELayer construction")
 
     def _agree_capacity(self, plan: Plan | None, device) -> Callable[[int], int] | None:
         """Ranks must run the same plan on the same shapes, or the collectives would hang or abort:

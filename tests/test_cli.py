@@ -1,7 +1,8 @@
 """The `flexmoe` command under bad input: one line on stderr naming the option, exit code 2; a real
 checkpoint for eval/predict/resume (trained here for one step); `--debug` keeps the traceback.
 
-Everything runs in this process through `flexmoe.cli.main(argv)` (no subprocess imports torch again).
+Everything runs in this process through `flexmoe.cli.main(argv)` (no subprocess imports torch again),
+or `flexmoe.cli.execute(argv)` where the command's result is checked.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def test_missing_checkpoint_is_a_one_line_error(capsys, tmp_path):
     assert line.startswith("flexmoe eval: error: no flexmoe checkpoint at")
 
 
+def test_the_console_script_returns_none_so_its_exit_code_is_0(capsys):
+    assert cli.main(["plan", "--world-sizes", "16", "--experts", "16"]) is None
+    assert "best" in capsys.readouterr().out
+
+
 def test_debug_keeps_the_traceback(tmp_path):
     with pytest.raises(FileNotFoundError):
         cli.main(["--debug", "eval", "--checkpoint", str(tmp_path / "none")])
@@ -80,7 +86,7 @@ def trained(tmp_path_factory):
 def test_eval_of_a_damaged_checkpoint_exits_2_naming_the_file(capsys, trained, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained / "checkpoint", ckpt)
-    assert "test_accuracy" in cli.main(["eval", "--checkpoint", str(ckpt), "--batch-size", "64"])
+    assert "test_accuracy" in cli.execute(["eval", "--checkpoint", str(ckpt), "--batch-size", "64"])
     capsys.readouterr()
     shard = ckpt / expert_file(0)
     data = bytearray(shard.read_bytes())
@@ -123,15 +129,15 @@ def test_predict_takes_an_npz_without_labels_a_file_and_a_folder(capsys, trained
         Image.fromarray(p).save(folder / f"im{i}.png")
     ckpt = ["predict", "--checkpoint", str(trained / "checkpoint")]
 
-    from_npz = cli.main([*ckpt, str(tmp_path / "x.npz")])
+    from_npz = cli.execute([*ckpt, str(tmp_path / "x.npz")])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["x.npz[0]", "x.npz[1]", "x.npz[2]"]
     assert [int(line.split("\t")[1]) for line in lines] == from_npz
 
-    assert cli.main([*ckpt, str(folder / "im1.png")]) == from_npz[1:2]
+    assert cli.execute([*ckpt, str(folder / "im1.png")]) == from_npz[1:2]
     assert capsys.readouterr().out.startswith("im1.png\t")
 
-    assert cli.main([*ckpt, str(tmp_path / "imgs")]) == from_npz
+    assert cli.execute([*ckpt, str(tmp_path / "imgs")]) == from_npz
     names = [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()]
     assert names == [f"sub/im{i}.png" for i in range(3)]
 

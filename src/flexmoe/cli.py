@@ -30,8 +30,9 @@ def _bench(argv: list[str]):
     return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
 
 
-def main(argv: list[str] | None = None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+def execute(argv: list[str]) -> object:
+    """Run one command line and return what the command returns (tests use it in-process)."""
+    argv = list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = ArgumentParser(prog="flexmoe", description=__doc__)
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None):
     module = importlib.import_module(COMMANDS[args.command][0])
     entry = getattr(module, f"{args.command}_main", module.main)
     return run(f"flexmoe {args.command}", lambda: entry(argv[1:]), debug=debug)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: returns None, as `sys.exit(main())` would print anything else and exit 1."""
+    execute(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ as one line too; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from collections.abc import Callable
@@ -78,4 +79,15 @@ def run(prog: str, fn: Callable[[], object], *, debug: bool) -> object:
         return fn()
     except USER_ERRORS as err:
         print(f"{prog}: error: {one_line(err)} (--debug shows the traceback)", file=sys.stderr, flush=True)
+        _leave_process_group()
         raise SystemExit(2) from None
+
+
+def _leave_process_group() -> None:
+    """A gloo group still alive in the interpreter's teardown can abort the process at exit
+    ("terminate called without an active exception"), turning exit code 2 into a crash."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()

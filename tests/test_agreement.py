@@ -91,6 +91,7 @@ def agree_worker() -> dict:
         ("parallelism", ("adaptive", 1), "parallelism (rank 0: 'adaptive', rank 1: 1)"),
         ("capacity_factor", (1.0, 2.0), "capacity_factor (rank 0: 1.0, rank 1: 2.0)"),
         ("dtype", (torch.float32, torch.float64), "dtype (rank 0: torch.float32, rank 1: torch.float64)"),
+        ("tuner", (True, False), "tuner and cluster settings (fingerprint) (rank 0: 0x"),
     ],
 )
 def test_layers_built_differently_raise_on_every_rank(pool2, field, values, expected):

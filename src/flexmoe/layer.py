@@ -122,7 +122,7 @@ class MoELayer(nn.Module):
         # ranks per node: set explicitly, or the topology torchrun reports
         local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
         # before anything that depends on the settings runs a collective (subgroups, the seed)
-        self._check_ranks_agree(world_size, dtype, local_world_size, bool(tuner))
+        self._check_ranks_agree(world_size, dtype, local_world_size, (tuner, cluster))
         self.layout = ExpertLayout(
             num_experts=num_experts,
             model_dim=model_dim,
@@ -254,7 +254,7 @@ class MoELayer(nn.Module):
             self._strategies[run] = build_strategy(run, self.experts, self.groups)
         return plan, self._strategies[run]
 
-    def _layer_fields(self, dtype, local_world_size, tuner: bool) -> list[agreement.Field]:
+    def _layer_fields(self, dtype, local_world_size, tuning: tuple) -> list[agreement.Field]:
         """Every setting that must be equal on all ranks of the group, as fixed-size codes."""
         c = self.config
         f = agreement
@@ -279,14 +279,17 @@ class MoELayer(nn.Module):
             f.int_field("pipeline_degree", c.pipeline_degree, unset="'adaptive'"),
             f.choice_field("all_to_all", c.all_to_all, ("auto", *ALL_TO_ALL_ALGORITHMS)),
             f.int_field("local_world_size", local_world_size),
-            f.choice_field("tuner", tuner, (False, True)),
+            # the tuner's settings and cluster decide which candidates every rank walks, in lockstep
+            f.Field("tuner and cluster settings (fingerprint)", _fingerprint(repr(tuning)), hex),
         ]
 
-    def _check_ranks_agree(self, world_size: int, dtype, local_world_size, tuner: bool) -> None:
+    def _check_ranks_agree(self, world_size: int, dtype, local_world_size, tuning: tuple) -> None:
         """Once per layer: all ranks built it with the same shapes and settings (ValueError naming
         every rank's value otherwise). A fingerprint of them is re-checked at every step."""
-        fields = self._layer_fields(dtype, local_world_size, tuner)
-        self._fingerprint = zlib.crc32(struct.pack(f"<{len(fields)}q", *(f.code for f in fields)))
+        tuner, cluster = tuning
+        tuning = (TunerConfig() if tuner is True else tuner, cluster)
+        fields = self._layer_fields(dtype, local_world_size, tuning)
+        self._fingerprint = _fingerprint(struct.pack(f"<{len(fields)}q", *(f.code for f in fields)))
         if world_size > 1:
             # on the backend's own device (CPU for gloo, the current GPU for NCCL)
             agreement.agree(fields, group=self.group, what="MoELayer construction")
@@ -386,3 +389,8 @@ def _detached(routing: RoutingPlan) -> RoutingPlan:
         weight_N=routing.weight_N.detach(),
         aux_loss=routing.aux_loss.detach(),
     )
+
+
+def _fingerprint(data: str | bytes) -> int:
+    """A checksum that is the same in every process (unlike hash() of a str)."""
+    return zlib.crc32(data.encode() if isinstance(data, str) else data)

@@ -26,7 +26,7 @@ def activation(kind: str, h: torch.Tensor) -> torch.Tensor:
 def reference_capacity(cf: float, k: int, T: int, E: int, demand: list[int]) -> int:
     largest = max(demand) if demand else 0
     if cf > 0:
-        return max(1, math.ceil(k * cf * T / E))
+        return max(1, min(T, math.ceil(k * cf * T / E)))  # no expert receives more than T
     if cf == 0:
         return max(1, largest)
     return max(1, min(largest, math.ceil(k * -cf * T / E)))

@@ -1,10 +1,15 @@
-"""The `flexmoe` command: benchmarks, the planner, training and inference."""
+"""The `flexmoe` command: benchmarks, the planner, training and inference.
+
+A user error (a bad option value, a missing or damaged checkpoint) prints one line on stderr and
+exits with code 2; `--debug` (anywhere on the command line) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from flexmoe.cli_args import ArgumentParser, run
 
 # sub-command -> (module, help); modules are imported only when their command runs
 COMMANDS = {
@@ -24,24 +29,34 @@ BENCHMARKS = {
 }
 
 
-def _bench(argv: list[str]) -> None:
+def _bench(argv: list[str]):
     if not argv or argv[0] not in BENCHMARKS:
-        raise SystemExit(f"usage: flexmoe bench {{{'|'.join(BENCHMARKS)}}} [options]")
-    importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+        print(f"usage: flexmoe bench {{{'|'.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        raise SystemExit(2)
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="flexmoe", description=__doc__)
+def execute(argv: list[str]) -> object:
+    """Run one command line and return what the command returns (tests use it in-process)."""
+    argv = list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = ArgumentParser(prog="flexmoe", description=__doc__)
     parser.add_argument(
         "command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items())
     )
-    args, rest = parser.parse_known_args(argv[:1])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors too")
+    args, _ = parser.parse_known_args(argv[:1])
     if args.command == "bench":
-        _bench(argv[1:])
-    else:
-        module = importlib.import_module(COMMANDS[args.command][0])
-        getattr(module, f"{args.command}_main", module.main)(argv[1:])
+        return run("flexmoe bench", lambda: _bench(argv[1:]), debug=debug)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    entry = getattr(module, f"{args.command}_main", module.main)
+    return run(f"flexmoe {args.command}", lambda: entry(argv[1:]), debug=debug)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: returns None, as `sys.exit(main())` would print anything else and exit 1."""
+    execute(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Legend:
 from __future__ import annotations
 
 import datetime
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "ALGORITHMS",
     "AllToAllHandle",
     "ExpertGroups",
+    "WeakGroup",
     "agree_max",
     "all_gather_shards",
     "all_to_all",
@@ -90,6 +92,43 @@ def _comm_device(group: ProcessGroup, device: torch.device | str | None) -> torc
     return torch.device("cpu")
 
 
+class WeakGroup:
+    """A process group held weakly; calling it gives the group (or None for "no group").
+
+    torch.distributed owns every group until destroy_process_group. A layer (or its tuner, or a
+    strategy) that outlives that call must not keep a group alive: destroying a gloo group late, in
+    the interpreter's teardown, can abort the process at exit ("terminate called without an active
+    exception"). A group used after it was destroyed raises instead of hanging.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, group: ProcessGroup | None) -> None:
+        self._ref = None if group is None else weakref.ref(group)
+
+    def __call__(self) -> ProcessGroup | None:
+        if self._ref is None:
+            return None
+        group = self._ref()
+        if group is None:
+            raise RuntimeError(
+                "this MoE layer's process group was destroyed (torch.distributed.destroy_process_group); "
+                "build the layer again after init_process_group"
+            )
+        return group
+
+    def __deepcopy__(self, memo) -> WeakGroup:
+        return self  # a copy of a layer runs in the same groups
+
+    def __reduce__(self):
+        if self._ref is not None:
+            raise TypeError(
+                "a distributed MoE layer cannot be pickled (process groups live in one job); save it with "
+                "flexmoe.checkpoint.save_checkpoint, or pickle a single-process copy"
+            )
+        return (WeakGroup, (None,))
+
+
 # -- asynchronous all-to-all -----------------------------------------------------------------------
 
 
@@ -143,7 +182,7 @@ class ExpertGroups:
             raise ValueError(f"timeout must be a datetime.timedelta or None, got {timeout!r}")
 
         group = _default_group(group)
-        self.group: ProcessGroup | None = group
+        self._group = WeakGroup(group)  # held weakly, as are the subgroups (see WeakGroup)
         self.world_size: int = _group_size(group)
         self.rank: int = 0 if group is None else dist.get_rank(group)
         self.shards_per_expert = shards_per_expert
@@ -155,10 +194,9 @@ class ExpertGroups:
                 "(s = W / E ranks share one expert)"
             )
 
-        self._blocks: dict[int, ProcessGroup | None] = {1: None, W: group}
+        self._blocks: dict[int, WeakGroup] = {1: WeakGroup(None), W: WeakGroup(group)}
         # this rank's 2DH groups: same node / same local rank (None without 2DH)
-        self.intra_node: ProcessGroup | None = None
-        self.inter_node: ProcessGroup | None = None
+        self._intra_node = self._inter_node = WeakGroup(None)
         self._supports_2dh = L is not None and 1 < L < W and W % L == 0
         if group is None or W == 1:
             return
@@ -170,12 +208,13 @@ class ExpertGroups:
         self._cache: dict[tuple[int, ...], ProcessGroup | None] = {}
         for size in sorted({s for s in divisors(shards_per_expert) if 1 < s < W}):
             blocks = [list(range(start, start + size)) for start in range(0, W, size)]
-            self._blocks[size] = self._create_partition(blocks)
+            self._blocks[size] = WeakGroup(self._create_partition(blocks))
         if self._supports_2dh:
             assert L is not None
             nodes = W // L
-            self.intra_node = self._create_partition([[n * L + l for l in range(L)] for n in range(nodes)])
-            self.inter_node = self._create_partition([[n * L + l for n in range(nodes)] for l in range(L)])
+            intra = self._create_partition([[n * L + l for l in range(L)] for n in range(nodes)])
+            inter = self._create_partition([[n * L + l for n in range(nodes)] for l in range(L)])
+            self._intra_node, self._inter_node = WeakGroup(intra), WeakGroup(inter)
         del self._cache
 
     def _create_partition(self, partition: list[list[int]]) -> ProcessGroup | None:
@@ -210,6 +249,21 @@ class ExpertGroups:
 
     # -- queries -----------------------------------------------------------------------------------
     @property
+    def group(self) -> ProcessGroup | None:
+        """The layer's whole group (None on a single process)."""
+        return self._group()
+
+    @property
+    def intra_node(self) -> ProcessGroup | None:
+        """This rank's 2DH group of the same node (None without 2DH)."""
+        return self._intra_node()
+
+    @property
+    def inter_node(self) -> ProcessGroup | None:
+        """This rank's 2DH group of the same local rank (None without 2DH)."""
+        return self._inter_node()
+
+    @property
     def supports_2dh(self) -> bool:
         """Whether the "2dh" all-to-all can run: local_world_size L with 1 < L < W and W % L == 0."""
         return self._supports_2dh
@@ -226,7 +280,7 @@ class ExpertGroups:
                 f"block group size must be one of {self.block_sizes} (divisors of "
                 f"shards_per_expert={self.shards_per_expert}, and the world size), got {size!r}"
             )
-        return self._blocks[size]
+        return self._blocks[size]()
 
     # -- all-to-all --------------------------------------------------------------------------------
     def _check_algorithm(self, algorithm: str) -> None:

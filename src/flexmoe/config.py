@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from flexmoe.layout import ACTIVATIONS
 
 GATES = ("linear", "cosine")
 AUX_LOSSES = ("gshard", "importance_load")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ALL_TO_ALL_ALGORITHMS = ("flat", "2dh")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -19,14 +22,15 @@ def _positive_int(name: str, value: object) -> None:
 
 
 def _choice(name: str, value: object, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
+    if not isinstance(value, str) or value not in accepted:
         raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
 
 
 def _validate_modern_routing(c) -> None:
     """Score function, routed scaling and group-limited top-k (shared by both configs)."""
     _choice("score_function", c.score_function, SCORE_FUNCTIONS)
-    if not (math.isfinite(c.routed_scaling_factor) and c.routed_scaling_factor > 0):
+    _number("routed_scaling_factor", c.routed_scaling_factor)
+    if c.routed_scaling_factor <= 0:
         raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {c.routed_scaling_factor}")
     _positive_int("num_groups", c.num_groups)
     if c.num_experts % c.num_groups:
@@ -40,6 +44,26 @@ def _validate_modern_routing(c) -> None:
             raise ValueError(
                 f"top_k={c.top_k} must not exceed the {eligible} experts in top_k_groups={c.top_k_groups}"
             )
+
+
+def _flag(name: str, value: object) -> None:
+    # a string such as "no" would otherwise count as true
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _number(name: str, value: object, *, at_least: float | None = None) -> None:
+    """A finite int or float (not a bool, not a string), optionally >= `at_least`."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (at_least is not None and value < at_least):
+        bound = "" if at_least is None else f" >= {at_least:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def check_dtype(dtype: object) -> None:
+    """The parameter dtype of a layer: None (torch's default) or a floating point dtype."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,13 +88,12 @@ class RoutingConfig:
         _positive_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must not exceed num_experts={self.num_experts}")
+        _number("capacity_factor", self.capacity_factor)
+        _number("gate_noise", self.gate_noise, at_least=0)
+        _number("router_z_loss", self.router_z_loss, at_least=0)
+        _flag("normalize_gate", self.normalize_gate)
+        _flag("batch_prioritized_routing", self.batch_prioritized_routing)
         _validate_modern_routing(self)
-        if not math.isfinite(self.capacity_factor):
-            raise ValueError(f"capacity_factor must be finite, got {self.capacity_factor}")
-        if self.gate_noise < 0:
-            raise ValueError(f"gate_noise must be >= 0, got {self.gate_noise}")
-        if self.router_z_loss < 0:
-            raise ValueError(f"router_z_loss must be >= 0, got {self.router_z_loss}")
         _choice("aux_loss", self.aux_loss, AUX_LOSSES)
 
 
@@ -114,6 +137,8 @@ class MoEConfig:
         if self.gate is not None:
             _choice("gate", self.gate, GATES)
         _choice("activation", self.activation, ACTIVATIONS)
+        _flag("is_postscore", self.is_postscore)
+        _flag("bias", self.bias)
         if self.parallelism != "adaptive" and (
             isinstance(self.parallelism, bool)
             or not isinstance(self.parallelism, int)
@@ -125,10 +150,8 @@ class MoEConfig:
         _choice("all_to_all", self.all_to_all, ("auto", *ALL_TO_ALL_ALGORITHMS))
         if self.local_world_size is not None:
             _positive_int("local_world_size", self.local_world_size)
-        if not (math.isfinite(self.expert_bias_update_rate) and self.expert_bias_update_rate >= 0):
-            raise ValueError(
-                f"expert_bias_update_rate must be a finite number >= 0, got {self.expert_bias_update_rate}"
-            )
+        _number("expert_bias_update_rate", self.expert_bias_update_rate, at_least=0)
+        _flag("shared_expert_gate", self.shared_expert_gate)
         if (
             isinstance(self.shared_hidden_dim, bool)
             or not isinstance(self.shared_hidden_dim, int)
@@ -141,7 +164,7 @@ class MoEConfig:
             raise ValueError("shared_expert_gate=True needs a shared expert (shared_hidden_dim > 0)")
         self.routing()  # validates the routing fields
         if self.eval_capacity_factor is not None:
-            self.routing(training=False)
+            _number("eval_capacity_factor", self.eval_capacity_factor)
 
     def routing(self, *, training: bool = True) -> RoutingConfig:
         cf = self.capacity_factor

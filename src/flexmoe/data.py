@@ -284,6 +284,43 @@ def load_image_folder(
     return _from_arrays(images, labels, name=root.name, scale=1.0, class_names=tuple(d.name for d in classes))
 
 
+def load_images(path: str | Path, *, image_shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[str]]:
+    """Images to classify, without labels: (images [N, C, H, W] float32 in [0, 1], a name per image).
+
+    `path`: one image file, a folder of image files (searched recursively, in sorted order; names are
+    the paths under it), or an .npz with `images` (`labels`, if present, are ignored; names are
+    "<file>[i]"). Files are converted to the model's channels and resized to its H x W (Pillow).
+    """
+    path = Path(path)
+    C, H, W = image_shape
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as archive:
+            if "images" not in archive.files:
+                raise ValueError(f"{path} lacks the array 'images'; it has {sorted(archive.files)}")
+            images = _images_to_nchw(archive["images"], None)
+        if len(images) == 0:
+            raise ValueError(f"{path} holds no images")
+        scale = np.float32(_pixel_scale(images))
+        tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32) / scale)
+        if tuple(tensor.shape[1:]) != (C, H, W):
+            raise ValueError(f"{path} holds {list(tensor.shape[1:])} images; the model takes {[C, H, W]}")
+        return tensor, [f"{path.name}[{i}]" for i in range(len(tensor))]
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
+        names = [str(f.relative_to(path)) for f in files]
+    elif path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            accepted = ", ".join(IMAGE_SUFFIXES)
+            raise ValueError(f"{path} is not an image ({accepted}), a folder or an .npz file")
+        files, names = [path], [path.name]
+    else:
+        raise FileNotFoundError(f"no such image, folder or .npz file: {path}")
+    arrays = [_read_image(f, "L" if C == 1 else "RGB", (H, W)) for f in files]
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()), names
+
+
 def load_dataset(name_or_path: str | Path, **kwargs) -> ImageDataset:
     """A named data set ("mnist_5k", "digits"), a folder of class sub-folders, or an .npz file."""
     key = str(name_or_path)

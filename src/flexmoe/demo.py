@@ -7,17 +7,17 @@ NCCL on GPUs.
 
 from __future__ import annotations
 
-import argparse
-
 from torch.distributed.run import main as torchrun
+
+from flexmoe.cli_args import ArgumentParser, positive_int
 
 # 10 epochs of 4,000 images, 32 per rank per step (64 in all), lr 1e-3: about 96% held-out accuracy
 DEMO_ARGS = ["--epochs", "10", "--batch-size", "32", "--lr", "1e-3", "--out-dir", "runs/demo"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="flexmoe demo", description=__doc__)
-    parser.add_argument("--nproc", type=int, default=2, help="processes (ranks)")
+    parser = ArgumentParser(prog="flexmoe demo", description=__doc__)
+    parser.add_argument("--nproc", type=positive_int, default=2, help="processes (ranks)")
     args, train_args = parser.parse_known_args(argv)
     torchrun(
         [

@@ -46,9 +46,21 @@ def unpad(buffer_ECM: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
 
 def dispatch(x_TM: torch.Tensor, plan: RoutingPlan, *, is_postscore: bool = True) -> torch.Tensor:
     """[T, M] -> [E, Cb, M] (public functional API)."""
+    # the index arithmetic would silently skip extra tokens, or fail with a bare IndexError
+    if x_TM.dim() != 2 or x_TM.shape[0] != plan.num_tokens:
+        raise ValueError(
+            f"dispatch: x must be [T, M] with the plan's T={plan.num_tokens} tokens, "
+            f"got shape {tuple(x_TM.shape)}"
+        )
     return pad(dispatch_packed(x_TM, plan, is_postscore=is_postscore), plan)
 
 
 def combine(expert_out_ECM: torch.Tensor, plan: RoutingPlan, *, is_postscore: bool = True) -> torch.Tensor:
     """[E, Cb, M] -> [T, M] (public functional API); unused slots are never read."""
+    expected = (plan.num_experts, plan.buffer_capacity)
+    if expert_out_ECM.dim() != 3 or tuple(expert_out_ECM.shape[:2]) != expected:
+        raise ValueError(
+            f"combine: expert_out must be [E, Cb, M] = [{expected[0]}, {expected[1]}, M] for this plan "
+            f"(E experts, buffer capacity Cb), got shape {tuple(expert_out_ECM.shape)}"
+        )
     return combine_packed(unpad(expert_out_ECM, plan), plan, is_postscore=is_postscore)

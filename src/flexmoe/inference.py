@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from flexmoe.checkpoint import load_checkpoint, read_extra
-from flexmoe.data import load_dataset, load_split
+from flexmoe.cli_args import ArgumentParser, finite_float, positive_int
+from flexmoe.data import load_images, load_split
 from flexmoe.models import create_model
 from flexmoe.train import evaluate, init_distributed
 
@@ -35,15 +36,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint directory written by flexmoe train")
     parser.add_argument(
         "--eval-capacity-factor",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="MoE capacity factor at inference (0 = dropless)",
     )
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
 
 
 def eval_main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="flexmoe eval", description=__doc__)
+    parser = ArgumentParser(prog="flexmoe eval", description=__doc__)
     _common(parser)
     parser.add_argument("--data", default=None, help="default: the data set the checkpoint was trained on")
     args = parser.parse_args(argv)
@@ -68,27 +69,34 @@ def eval_main(argv: list[str] | None = None) -> dict:
 
 
 def predict_main(argv: list[str] | None = None) -> list[int]:
-    parser = argparse.ArgumentParser(prog="flexmoe predict", description=__doc__)
+    parser = ArgumentParser(prog="flexmoe predict", description=__doc__)
     _common(parser)
-    parser.add_argument("images", help="an .npz with `images` (labels optional) or a folder of class folders")
+    parser.add_argument(
+        "images",
+        help="an image file, a folder of images (searched recursively), or an .npz with `images` "
+        "(labels optional); prints one line per image: its name, the class index and the class name",
+    )
     args = parser.parse_args(argv)
     _, _, device = init_distributed()
     model, config = load_trained_model(
         args.checkpoint, eval_capacity_factor=args.eval_capacity_factor, device=device
     )
-    data = load_dataset(args.images)
     train = load_split(
         config["data"], test_fraction=config["test_fraction"], seed=config["seed"], limit=config.get("limit")
     ).train
-    data = data.normalized(train.mean, train.std)  # the training statistics
+    images, names = load_images(args.images, image_shape=train.image_shape)
+    mean = torch.tensor(train.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(train.std, dtype=torch.float32).view(1, -1, 1, 1)
+    images = (images - mean) / std  # the training statistics
     predictions = []
     with torch.no_grad():
-        for start in range(0, len(data), args.batch_size):
-            logits = model(data.images[start : start + args.batch_size].to(device))
+        for start in range(0, len(images), args.batch_size):
+            logits = model(images[start : start + args.batch_size].to(device))
             predictions += logits.argmax(-1).tolist()
     if not dist.is_initialized() or dist.get_rank() == 0:
-        for i, p in enumerate(predictions):
-            print(f"{i}\t{p}")
+        classes = train.class_names or tuple(str(i) for i in range(train.num_classes))
+        for name, p in zip(names, predictions, strict=True):
+            print(f"{name}\t{p}\t{classes[p]}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return predictions

@@ -5,20 +5,32 @@ Legend: T tokens (all leading dims of x flattened), M model dim, E experts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import struct
 import time
+import zlib
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe.comm import ExpertGroups, agree_max, check_agreement
-from flexmoe.config import ALL_TO_ALL_ALGORITHMS, MoEConfig
+from flexmoe import agreement
+from flexmoe.comm import ExpertGroups, WeakGroup
+from flexmoe.config import (
+    ALL_TO_ALL_ALGORITHMS,
+    AUX_LOSSES,
+    FLOAT_DTYPES,
+    GATES,
+    SCORE_FUNCTIONS,
+    MoEConfig,
+    check_dtype,
+)
 from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
 from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
-from flexmoe.layout import ExpertLayout
+from flexmoe.layout import ACTIVATIONS, ExpertLayout
 from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
 from flexmoe.routing import RoutingPlan, route, routing_from_topk
 from flexmoe.shared_experts import SharedExperts
@@ -41,6 +53,18 @@ def _shared_seed(seed: int | None, group, world_size: int) -> int:
         dist.broadcast_object_list(box, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
         seed = box[0]
     return seed
+
+
+class _PlanRanker:
+    """The tuner's ranking: capacity -> candidate plans, best predicted first. An object rather than
+    a closure so that a layer pickles (torch.save) and deep-copies."""
+
+    def __init__(self, model: CostModel, plans: list[Plan], shape: dict):
+        self.model, self.plans, self.shape = model, plans, shape
+
+    def __call__(self, capacity: int):
+        tokens = capacity * self.shape["num_experts"] // self.shape["top_k"]
+        return self.model.rank(LayerShape(capacity=capacity, tokens=tokens, **self.shape), self.plans)
 
 
 class MoELayer(nn.Module):
@@ -111,8 +135,17 @@ class MoELayer(nn.Module):
             shared_hidden_dim=shared_hidden_dim,
             shared_expert_gate=shared_expert_gate,
         )
+        check_dtype(dtype)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be None or an int, got {seed!r}")
+        if not isinstance(tuner, TunerConfig | bool):
+            raise ValueError(f"tuner must be True, False or a flexmoe.tuner.TunerConfig, got {tuner!r}")
         world_size, rank = _group_size_and_rank(group)
-        self.group = group
+        self._group = WeakGroup(group)  # held weakly: a layer must not outlive destroy_process_group's
+        # ranks per node: set explicitly, or the topology torchrun reports
+        local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+        # before anything that depends on the settings runs a collective (subgroups, the seed)
+        self._check_ranks_agree(world_size, dtype, local_world_size, (tuner, cluster))
         self.layout = ExpertLayout(
             num_experts=num_experts,
             model_dim=model_dim,
@@ -125,9 +158,9 @@ class MoELayer(nn.Module):
         self.groups = ExpertGroups(
             group,
             shards_per_expert=self.layout.shards_per_expert,
-            # ranks per node: set explicitly, or the topology torchrun reports
-            local_world_size=local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None,
+            local_world_size=local_world_size,
         )
+        self._check_all_to_all()
         self.seed = _shared_seed(seed, group, world_size)
         gate_generator = torch.Generator().manual_seed(self.seed)
         # gate=None: no router of its own; every forward gets its routing from outside
@@ -163,6 +196,22 @@ class MoELayer(nn.Module):
         self.last_plan: PlanRecord | None = None
         self.last_routing: RoutingPlan | None = None
 
+    @property
+    def group(self):
+        """The process group given at construction (None: WORLD when initialised, else one process)."""
+        return self._group()
+
+    # -- copies and pickles ------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """copy.deepcopy (EMA, AveragedModel) and torch.save/pickle take the parameters and settings,
+        not what the last forward left behind: graph-attached tensors cannot be copied, and the
+        strategies are rebuilt on demand. Process groups are shared by a copy (WeakGroup)."""
+        state = self.__dict__.copy()
+        state["_strategies"] = {}
+        state["last_routing"] = None
+        state["aux_loss"] = self.aux_loss.detach()
+        return state
+
     # -- plans -------------------------------------------------------------------------------------
     def _check_fixed_settings(self) -> None:
         c = self.config
@@ -170,6 +219,15 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"parallelism must be 'adaptive' or one of {self.layout.valid_degrees} for "
                 f"E={c.num_experts} on {self.layout.world_size} ranks, got {c.parallelism}"
+            )
+
+    def _check_all_to_all(self) -> None:
+        """A fixed "2dh" that cannot run is refused now, as a forced Plan(all_to_all="2dh") is, rather
+        than silently running flat (one process runs every plan locally, so it accepts it)."""
+        if self.config.all_to_all == "2dh" and self.layout.world_size > 1 and not self.groups.supports_2dh:
+            raise ValueError(
+                "all_to_all='2dh' needs local_world_size L with 1 < L < W and W % L == 0 "
+                f"(W={self.layout.world_size}, L={self.groups.local_world_size}); use 'flat' or 'auto'"
             )
 
     @property
@@ -204,12 +262,7 @@ class MoELayer(nn.Module):
             and (p.r == 0 or c.all_to_all in ("auto", p.all_to_all))
         ] or [self._fixed_plan()]
         model = CostModel(cluster or default_cluster(device))
-
-        def rank_plans(capacity: int):
-            layer_shape = LayerShape(capacity=capacity, tokens=capacity * c.num_experts // c.top_k, **shape)
-            return model.rank(layer_shape, plans)
-
-        return PlanTuner(plans, rank_plans, config=config, group=self.group)
+        return PlanTuner(plans, _PlanRanker(model, plans, shape), config=config, group=self.group)
 
     def _fixed_plan(self) -> Plan:
         c = self.config
@@ -234,39 +287,87 @@ class MoELayer(nn.Module):
         return None, "tuner"
 
     def _strategy(self, plan: Plan):
-        if self.layout.world_size == 1:
-            plan = STATIC_DEFAULT  # one process: every plan is the same local computation
-        if plan.all_to_all == "2dh" and not self.groups.supports_2dh:
+        """(the plan to record, the strategy that runs it). One process: every plan is the same local
+        computation, which runs as the static default, but last_plan records the plan asked for."""
+        run = STATIC_DEFAULT if self.layout.world_size == 1 else plan
+        if run.all_to_all == "2dh" and not self.groups.supports_2dh:
             raise ValueError(
                 "all_to_all='2dh' needs local_world_size L with 1 < L < W and W % L == 0 "
                 f"(W={self.layout.world_size}, L={self.groups.local_world_size}); use 'flat'"
             )
-        if plan not in self._strategies:
-            self._strategies[plan] = build_strategy(plan, self.experts, self.groups)
-        return plan, self._strategies[plan]
+        if run not in self._strategies:
+            self._strategies[run] = build_strategy(run, self.experts, self.groups)
+        return plan, self._strategies[run]
+
+    def _layer_fields(self, dtype, local_world_size, tuning: tuple) -> list[agreement.Field]:
+        """Every setting that must be equal on all ranks of the group, as fixed-size codes."""
+        c = self.config
+        f = agreement
+        return [
+            f.int_field("model_dim", c.model_dim),
+            f.int_field("hidden_dim", c.hidden_dim),
+            f.int_field("num_experts", c.num_experts),
+            f.int_field("top_k", c.top_k),
+            f.choice_field("activation", c.activation, ACTIVATIONS),
+            f.choice_field("gate", c.gate, (None, *GATES)),
+            f.choice_field("bias", c.bias, (False, True)),
+            f.choice_field("dtype", dtype or torch.get_default_dtype(), FLOAT_DTYPES),
+            f.float_field("capacity_factor", c.capacity_factor),
+            f.float_field("eval_capacity_factor", c.eval_capacity_factor),
+            f.float_field("gate_noise", c.gate_noise),
+            f.choice_field("normalize_gate", c.normalize_gate, (False, True)),
+            f.choice_field("batch_prioritized_routing", c.batch_prioritized_routing, (False, True)),
+            f.choice_field("is_postscore", c.is_postscore, (False, True)),
+            f.choice_field("aux_loss", c.aux_loss, AUX_LOSSES),
+            f.float_field("router_z_loss", c.router_z_loss),
+            f.choice_field("score_function", c.score_function, SCORE_FUNCTIONS),
+            f.float_field("routed_scaling_factor", c.routed_scaling_factor),
+            f.int_field("num_groups", c.num_groups),
+            f.int_field("top_k_groups", c.top_k_groups),
+            f.float_field("expert_bias_update_rate", c.expert_bias_update_rate),
+            f.int_field("shared_hidden_dim", c.shared_hidden_dim),
+            f.choice_field("shared_expert_gate", c.shared_expert_gate, (False, True)),
+            f.int_field("parallelism", c.parallelism, unset="'adaptive'"),
+            f.int_field("pipeline_degree", c.pipeline_degree, unset="'adaptive'"),
+            f.choice_field("all_to_all", c.all_to_all, ("auto", *ALL_TO_ALL_ALGORITHMS)),
+            f.int_field("local_world_size", local_world_size),
+            # the tuner's settings and cluster decide which candidates every rank walks, in lockstep
+            f.Field("tuner and cluster settings (fingerprint)", _fingerprint(repr(tuning)), hex),
+        ]
+
+    def _check_ranks_agree(self, world_size: int, dtype, local_world_size, tuning: tuple) -> None:
+        """Once per layer: all ranks built it with the same shapes and settings (ValueError naming
+        every rank's value otherwise). A fingerprint of them is re-checked at every step."""
+        tuner, cluster = tuning
+        tuning = (TunerConfig() if tuner is True else tuner, cluster)
+        fields = self._layer_fields(dtype, local_world_size, tuning)
+        self._fingerprint = _fingerprint(struct.pack(f"<{len(fields)}q", *(f.code for f in fields)))
+        if world_size > 1:
+            # on the backend's own device (CPU for gloo, the current GPU for NCCL)
+            agreement.agree(fields, group=self.group, what="MoELayer construction")
 
     def _agree_capacity(self, plan: Plan | None, device) -> Callable[[int], int] | None:
-        """Ranks must run the same plan on the same shapes, or the collectives would hang: check it,
-        and take the group's largest capacity, before any token moves."""
+        """Ranks must run the same plan on the same shapes, or the collectives would hang or abort:
+        check it, and take the group's largest capacity, before any token moves. One fixed-size
+        collective whatever the plan (a forced and an adaptive step send the same vector)."""
         if self.layout.world_size == 1:
             return None
-        checks = {
-            "model_dim": self.config.model_dim,
-            "training": int(self.training),
-            "adaptive": int(plan is None),
-        }
-        if plan is not None:
-            checks.update(
-                {
-                    "plan.r": plan.r,
-                    "plan.d": plan.d,
-                    "plan.all_to_all": ALL_TO_ALL_ALGORITHMS.index(plan.all_to_all),
-                }
-            )
+        f = agreement
+        fields = [
+            f.Field("layer settings (fingerprint)", self._fingerprint),
+            f.choice_field("parameter dtype", self.experts.fc1_weight.dtype, FLOAT_DTYPES),
+            f.choice_field("training", self.training, (False, True)),
+            f.int_field("plan.r", None if plan is None else plan.r, unset="adaptive"),
+            f.int_field("plan.d", None if plan is None else plan.d, unset="adaptive"),
+            f.choice_field(
+                "plan.all_to_all",
+                "adaptive" if plan is None else plan.all_to_all,
+                ("adaptive", *ALL_TO_ALL_ALGORITHMS),
+            ),
+        ]
 
         def agree(capacity: int) -> int:
-            check_agreement(checks, self.group, device=device)
-            return agree_max([capacity], self.group, device=device)[0]
+            return f.agree(fields, [capacity], self.group, device=device, what="MoELayer forward")[0]
 
         return agree
 
@@ -352,7 +453,7 @@ class MoELayer(nn.Module):
         if source == "tuner-explore":
             self._time_trial(routing.capacity, plan, started, x_TM, y_TM)
         self.aux_loss = routing.aux_loss
-        self.last_routing = routing
+        self.last_routing = _detached(routing)  # for inspection; must not keep the graph alive
         self.last_plan = PlanRecord(
             r=plan.r, d=plan.d, all_to_all=plan.all_to_all, capacity=routing.capacity, source=source
         )
@@ -378,3 +479,17 @@ class MoELayer(nn.Module):
             f"model_dim={c.model_dim}, hidden_dim={c.hidden_dim}, num_experts={c.num_experts}, "
             f"top_k={c.top_k}, world_size={self.layout.world_size}"
         )
+
+
+def _detached(routing: RoutingPlan) -> RoutingPlan:
+    return dataclasses.replace(
+        routing,
+        weights_TK=routing.weights_TK.detach(),
+        weight_N=routing.weight_N.detach(),
+        aux_loss=routing.aux_loss.detach(),
+    )
+
+
+def _fingerprint(data: str | bytes) -> int:
+    """A checksum that is the same in every process (unlike hash() of a str)."""
+    return zlib.crc32(data.encode() if isinstance(data, str) else data)

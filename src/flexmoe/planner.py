@@ -7,10 +7,10 @@ the best plan and its speedup over the static default (r = 1, d = 1, flat).
 
 from __future__ import annotations
 
-import argparse
 import math
 
 from flexmoe.bench.common import format_table, write_json
+from flexmoe.cli_args import ArgumentParser, positive_float, positive_int, positive_int_list
 from flexmoe.cost_model import PRESETS, CostModel, LayerShape, candidate_plans
 from flexmoe.plans import STATIC_DEFAULT
 
@@ -38,25 +38,27 @@ def plan_table(shape: LayerShape, model: CostModel) -> tuple[list[dict], dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="flexmoe plan", description=__doc__)
-    parser.add_argument("--model-dim", type=int, default=2048)
-    parser.add_argument("--hidden-dim", type=int, default=8192)
-    parser.add_argument("--experts", type=int, default=64, help="total experts E")
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens per rank per step")
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--capacity-factor", type=float, default=1.25)
-    parser.add_argument("--bytes", type=int, default=2, help="bytes per element (2 = bf16)")
+    parser = ArgumentParser(prog="flexmoe plan", description=__doc__)
+    parser.add_argument("--model-dim", type=positive_int, default=2048)
+    parser.add_argument("--hidden-dim", type=positive_int, default=8192)
+    parser.add_argument("--experts", type=positive_int, default=64, help="total experts E")
+    parser.add_argument("--tokens", type=positive_int, default=8192, help="tokens per rank per step")
+    parser.add_argument("--top-k", type=positive_int, default=2)
+    parser.add_argument(
+        "--capacity-factor", type=positive_float, default=1.25, help="> 0 (the capacity must be known)"
+    )
+    parser.add_argument("--bytes", type=positive_int, default=2, help="bytes per element (2 = bf16)")
     parser.add_argument("--cluster", choices=sorted(PRESETS), default="a100")
-    parser.add_argument("--world-sizes", default="16,64,256,1024,2048")
+    parser.add_argument("--world-sizes", type=positive_int_list, default=[16, 64, 256, 1024, 2048])
     parser.add_argument("--all", action="store_true", help="print every plan, not only the summary")
     parser.add_argument("--out", default=None, help="write the tables as JSON here")
     args = parser.parse_args(argv)
-    if args.capacity_factor <= 0:
-        raise SystemExit("--capacity-factor must be > 0 for a prediction (capacity must be known)")
+    if args.top_k > args.experts:
+        parser.error(f"argument --top-k: must not exceed --experts={args.experts}, got {args.top_k}")
     model = CostModel(PRESETS[args.cluster])
     capacity = max(1, math.ceil(args.top_k * args.capacity_factor * args.tokens / args.experts))
     summaries, every = [], []
-    for W in (int(w) for w in args.world_sizes.split(",")):
+    for W in args.world_sizes:
         if (args.experts >= W and args.experts % W) or (args.experts < W and W % args.experts):
             print(f"skip W={W}: E={args.experts} and W must divide one another")
             continue

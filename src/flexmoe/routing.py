@@ -59,9 +59,13 @@ class RoutingPlan:
 def capacity_for(
     capacity_factor: float, *, top_k: int, num_tokens: int, num_experts: int, max_demand: int
 ) -> int:
-    """Capacity per (rank, expert) before group agreement; at least 1 so buffers are never empty."""
+    """Capacity per (rank, expert) before group agreement; at least 1 so buffers are never empty.
+
+    Never more than T: top-k experts are distinct, so no expert receives more than T assignments and
+    a larger C would only allocate empty slots (cf=1e6 would otherwise ask for millions of rows).
+    """
     if capacity_factor > 0:
-        return max(1, math.ceil(top_k * capacity_factor * num_tokens / num_experts))
+        return max(1, min(num_tokens, math.ceil(top_k * capacity_factor * num_tokens / num_experts)))
     if capacity_factor == 0:
         return max(1, max_demand)
     bound = math.ceil(top_k * -capacity_factor * num_tokens / num_experts)

@@ -8,7 +8,6 @@ usual no-decay set, linear warm-up + cosine schedule, evaluation every epoch, sh
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -20,7 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from flexmoe.checkpoint import load_checkpoint, save_checkpoint
+from flexmoe import cli_args
+from flexmoe.checkpoint import load_checkpoint, read_extra, save_checkpoint
 from flexmoe.cpu_memory import retain_freed_memory
 from flexmoe.data import DataSplit, load_split
 from flexmoe.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
@@ -28,6 +28,19 @@ from flexmoe.models import create_model
 from flexmoe.reporting import EpochLog, write_report
 
 NO_DECAY_MARKERS = ("cpb", "logit_scale", "temperature", "norm", "bias", "position")
+# settings a resumed run must share with the checkpoint: they decide the data split, the batches and
+# the schedule, so a change would silently train on something else
+RESUME_MUST_MATCH = (
+    "model",
+    "data",
+    "test_fraction",
+    "limit",
+    "seed",
+    "batch_size",
+    "epochs",
+    "max_steps_per_epoch",
+    "model_overrides",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,13 +67,26 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        for name in ("epochs", "batch_size", "stop_after", "max_steps_per_epoch"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 2):
+            raise ValueError(f"limit must be an integer >= 2, got {self.limit!r}")
+        checks = {
+            "lr": (lambda v: v > 0, "> 0"),
+            "weight_decay": (lambda v: v >= 0, ">= 0"),
+            "warmup_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "grad_clip": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+            "label_smoothing": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "test_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+        }
+        for name, (accept, what) in checks.items():
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or not accept(value):
+                raise ValueError(f"{name} must be a number {what}, got {value!r}")
+        if not isinstance(self.shift_augment, int) or self.shift_augment < 0:
+            raise ValueError(f"shift_augment must be an integer >= 0, got {self.shift_augment!r}")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -205,7 +231,7 @@ def train(config: TrainConfig) -> dict:
     )
     if steps_per_epoch == 0:
         raise ValueError(
-            f"batch_size={config.batch_size} x {world} ranks exceeds the {len(split.train)} images"
+            f"batch_size={config.batch_size} x {world} ranks exceeds the {len(split.train)} training images"
         )
     total = steps_per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -216,6 +242,7 @@ def train(config: TrainConfig) -> dict:
     checkpoint_dir = out / "checkpoint"
     augment = torch.Generator().manual_seed(config.seed * 7 + rank)
     if config.resume:
+        _check_resumable(config, checkpoint_dir)
         state = load_checkpoint(checkpoint_dir, unwrap(model), optimizer, scheduler=schedule)
         start_epoch = state["extra"]["epoch"] + 1
         history = [EpochLog(**e) for e in state["extra"]["history"]]
@@ -274,6 +301,21 @@ def train(config: TrainConfig) -> dict:
     return result
 
 
+def _check_resumable(config: TrainConfig, checkpoint_dir: Path) -> None:
+    """A resumed run continues the saved one: the settings that decide its data and schedule match."""
+    saved = read_extra(checkpoint_dir).get("config", {})
+    mine = json.loads(json.dumps(asdict(config), default=str))
+    differ = [name for name in RESUME_MUST_MATCH if name in saved and saved[name] != mine[name]]
+    if differ:
+        changes = ", ".join(
+            f"--{n.replace('_', '-')} {mine[n]!r} (the checkpoint has {saved[n]!r})" for n in differ
+        )
+        raise ValueError(
+            f"--resume: {changes}; these decide the data split, the batches and the schedule, so a resumed "
+            "run must keep the checkpoint's values"
+        )
+
+
 def _progress(total: int, desc: str, *, enabled: bool):
     from tqdm import tqdm
 
@@ -282,18 +324,31 @@ def _progress(total: int, desc: str, *, enabled: bool):
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(prog="flexmoe train", description=__doc__)
+    a = cli_args
+    p = a.ArgumentParser(prog="flexmoe train", description=__doc__)
     p.add_argument("--model", default=defaults.model)
     p.add_argument(
         "--data", default=defaults.data, help="mnist_5k | digits | a folder of class folders | .npz"
     )
-    for name in ("epochs", "batch_size", "seed", "shift_augment"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("lr", "weight_decay", "warmup_fraction", "grad_clip", "label_smoothing", "test_fraction"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
-    p.add_argument("--stop-after", type=int, default=None, help="epochs to run now; continue with --resume")
+    types = {
+        "epochs": a.positive_int,
+        "batch_size": a.positive_int,
+        "seed": a.nonnegative_int,
+        "shift_augment": a.nonnegative_int,
+        "lr": a.positive_float,
+        "weight_decay": a.nonnegative_float,
+        "warmup_fraction": a.half_open_fraction,
+        "grad_clip": a.nonnegative_float,
+        "label_smoothing": a.unit_interval,
+        "test_fraction": a.open_fraction,
+    }
+    for name, kind in types.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
+    p.add_argument("--limit", type=a.positive_int, default=None, help="keep about this many images (>= 2)")
+    p.add_argument("--max-steps-per-epoch", type=a.positive_int, default=None)
+    p.add_argument(
+        "--stop-after", type=a.positive_int, default=None, help="epochs to run now; continue with --resume"
+    )
     p.add_argument("--out-dir", default=defaults.out_dir)
     p.add_argument("--resume", action="store_true")
     p.add_argument(
@@ -318,6 +373,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         except json.JSONDecodeError:
             overrides[key] = value
     values = {k: v for k, v in vars(args).items() if k != "set"}
+    if args.limit is not None and args.limit < 2:
+        p.error(f"argument --limit: must be an integer >= 2, got {args.limit}")
     return TrainConfig(**values, model_overrides=overrides)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from flexmoe.comm import WeakGroup
 from flexmoe.plans import Plan
 
 
@@ -56,9 +57,13 @@ class PlanTuner:
         self.all_candidates = candidates
         self.rank_plans = rank_plans  # capacity -> [(plan, predicted seconds)] best first
         self.config = config
-        self.group = group
+        self._group = WeakGroup(group)  # held weakly, like the layer's (see WeakGroup)
         self.buckets: dict[tuple[str, int], BucketState] = {}
         self.decisions: list[dict] = []
+
+    @property
+    def group(self):
+        return self._group()
 
     def bucket(self, capacity: int, training: bool) -> tuple[str, int]:
         return ("train" if training else "eval", capacity // self.config.bucket_size)

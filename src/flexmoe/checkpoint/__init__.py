@@ -4,7 +4,9 @@ A checkpoint is a directory:
 
     <path>/meta.pt            format, version, saving world size W, step, extra, and for every Experts
                               module: its layout metadata (E, M, H, activation, W_e, s), whether it has
-                              biases, the shard shapes, and which file holds each layout rank's shard
+                              biases, the shard shapes, and which file holds each layout rank's shard;
+                              every other file's size and BLAKE2b digest, and its tensors' digests
+                              (written last; a load verifies each file before using it: integrity.py)
     <path>/replicated.pt      the replicated (non-expert) entries of the model's state_dict, their
                               optimizer state keyed by parameter NAME, the optimizer's param groups
                               (hyper-parameters, parameter names), the scheduler state
@@ -27,7 +29,8 @@ DCP would need a custom planner to re-slice them, while per-rank files plus the 
 make re-slicing explicit, testable on one process, and need nothing but torch.save/torch.load.
 
 Modules: files.py (the directory on disk, atomic publication), collective.py (agreement across ranks),
-model_state.py (what is taken from the model and optimizer), reslice.py, save.py, load.py.
+integrity.py (checksums), model_state.py (what is taken from the model and optimizer), reslice.py,
+save.py, load.py.
 
 Legend: E experts, E_local experts per rank, M model dim, H hidden dim, X fc1 width (H, or 2H for
 swiglu), W ranks of the checkpoint group, W_e ranks of a layer's layout, s = max(1, W_e / E).

@@ -56,6 +56,15 @@ def agree(comm: Comm, error: BaseException | None) -> None:
     _raise_reported(reports)
 
 
+def gather(comm: Comm, error: BaseException | None, value) -> list:
+    """`agree`, and every rank's `value` (in rank order) when no rank failed."""
+    reports = comm.all_gather((_report(error), value))
+    if error is not None:
+        raise error
+    _raise_reported([report for report, _ in reports])
+    return [value for _, value in reports]
+
+
 def on_first_rank(comm: Comm, fn: Callable[[], object]):
     """Run fn on the group's first rank; every rank gets its result or raises its error."""
     value = error = None

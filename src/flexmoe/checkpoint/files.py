@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 FORMAT = "flexmoe.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: meta.pt holds every data file's checksum (integrity.py); 1 loads without checks
+READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.pt"
 REPLICATED_FILE = "replicated.pt"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexmoe.checkpoint import files
+from flexmoe.checkpoint import files, integrity
 from flexmoe.checkpoint.collective import Comm, agree
 from flexmoe.checkpoint.model_state import (
     expert_modules,
@@ -36,6 +36,7 @@ class _RankFiles:
     def module(self, module_name: str, layout_rank: int) -> dict:
         file_rank = self.meta["experts"][module_name]["files"][layout_rank]
         if file_rank not in self._files:
+            _verify(self.root, self.meta, files.expert_file(file_rank))
             self._files[file_rank] = files.read(self.root / files.expert_file(file_rank), mmap=True)
         entry = self._files[file_rank].get("modules", {}).get(module_name)
         if entry is None or entry.get("layout_rank") != layout_rank:
@@ -44,6 +45,12 @@ class _RankFiles:
                 f"layout rank {layout_rank} of Experts module {module_name!r}"
             )
         return entry
+
+
+def _verify(root: Path, meta: dict, name: str) -> None:
+    """Check a data file against the checksum meta.pt holds for it (version 1 checkpoints hold none)."""
+    if meta.get("version", 1) >= 2:
+        integrity.verify(root, name, meta.get("checksums", {}).get(name))
 
 
 def _describe(layout: ExpertLayout) -> str:
@@ -197,9 +204,10 @@ def _read_checkpoint(target: Path, model: nn.Module, optimizer, scheduler) -> tu
     """Read, validate and re-slice everything; touch neither the model nor the optimizer."""
     root = files.resolve(target)
     meta = files.read_meta(root)
-    if meta.get("version") != files.VERSION:
+    if meta.get("version") not in files.READABLE_VERSIONS:
         raise ValueError(
-            f"{root}: unsupported flexmoe checkpoint version {meta.get('version')} (reads {files.VERSION})"
+            f"{root}: unsupported flexmoe checkpoint version {meta.get('version')} "
+            f"(reads {files.READABLE_VERSIONS})"
         )
     needed = [files.REPLICATED_FILE] + [
         files.expert_file(r) for r in sorted({f for e in meta["experts"].values() for f in e["files"]})
@@ -210,6 +218,7 @@ def _read_checkpoint(target: Path, model: nn.Module, optimizer, scheduler) -> tu
 
     experts = expert_modules(model)
     saved_layouts = _check_experts(root, meta, experts)
+    _verify(root, meta, files.REPLICATED_FILE)
     shared = files.read(root / files.REPLICATED_FILE)
     expert_keys = expert_state_keys(experts)
     expected = {k: v for k, v in model.state_dict().items() if k not in expert_keys}

@@ -8,8 +8,8 @@ import shutil
 import torch
 from torch import nn
 
-from flexmoe.checkpoint import files
-from flexmoe.checkpoint.collective import Comm, agree, on_first_rank
+from flexmoe.checkpoint import files, integrity
+from flexmoe.checkpoint.collective import Comm, agree, gather, on_first_rank
 from flexmoe.checkpoint.model_state import (
     check_weights_only,
     compact,
@@ -130,49 +130,64 @@ def save_checkpoint(
     index = on_first_rank(comm, prepare)
     tmp = files.tmp_dir(target)
 
-    # 3. every rank writes its file; the first rank also the replicated state and the metadata
-    error = None
+    # 3. every rank writes its file (the first rank also the replicated state) and its checksums
+    error = written = None
     try:
         mine = {
             name: entry for name, entry in modules.items() if index[name][entry["layout_rank"]] == comm.rank
         }
         payload = {"rank": comm.rank, "world_size": comm.world, "modules": mine}
-        files.write(payload, tmp / files.expert_file(comm.rank))
+        written = {files.expert_file(comm.rank): _write(payload, tmp / files.expert_file(comm.rank))}
         if comm.rank == 0:
-            files.write(shared, tmp / files.REPLICATED_FILE)
-            meta = {
-                "format": files.FORMAT,
-                "version": files.VERSION,
-                "world_size": comm.world,
-                "step": int(step),
-                "extra": extra,
-                "torch_version": str(torch.__version__),
-                "experts": {
-                    name: {
-                        "layout": entry["layout"],
-                        "shards_per_expert": layout_from(entry["layout"]).shards_per_expert,
-                        "bias": entry["bias"],
-                        "shard_shapes": entry["shapes"],
-                        "files": index[name],
-                    }
-                    for name, entry in signatures[0]["experts"].items()
-                },
-                "replicated": {k: tuple(v.shape) for k, v in shared["params"].items()},
-                "has_optimizer": optimizer is not None,
-                "has_scheduler": scheduler is not None,
-            }
-            files.write(meta, tmp / files.META_FILE)
+            written[files.REPLICATED_FILE] = _write(shared, tmp / files.REPLICATED_FILE)
     except Exception as exc:
         error = exc
     try:
-        agree(comm, error)  # doubles as the barrier before the rename
+        every = gather(comm, error, written)  # doubles as the barrier before the metadata
     except Exception:
         if comm.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    # 4. into place, and nobody returns before it is there
-    on_first_rank(comm, lambda: files.publish(tmp, target))
+    # 4. the metadata last (a directory without it is never a checkpoint), then into place; nobody
+    # returns before it is there
+    def finish() -> None:
+        meta = {
+            "format": files.FORMAT,
+            "version": files.VERSION,
+            "world_size": comm.world,
+            "step": int(step),
+            "extra": extra,
+            "torch_version": str(torch.__version__),
+            "experts": {
+                name: {
+                    "layout": entry["layout"],
+                    "shards_per_expert": layout_from(entry["layout"]).shards_per_expert,
+                    "bias": entry["bias"],
+                    "shard_shapes": entry["shapes"],
+                    "files": index[name],
+                }
+                for name, entry in signatures[0]["experts"].items()
+            },
+            "replicated": {k: tuple(v.shape) for k, v in shared["params"].items()},
+            "has_optimizer": optimizer is not None,
+            "has_scheduler": scheduler is not None,
+            "checksums": {name: record for rank_files in every for name, record in rank_files.items()},
+        }
+        try:
+            files.write(meta, tmp / files.META_FILE)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        files.publish(tmp, target)
+
+    on_first_rank(comm, finish)
+
+
+def _write(obj, file) -> dict:
+    """Write one file; its size, digest and tensor digests as read back from the disk."""
+    files.write(obj, file)
+    return integrity.record(file, obj)
 
 
 def _replicated_payload(model, experts, optimizer, scheduler, names, groups, extra) -> dict:

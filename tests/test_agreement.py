@@ -92,6 +92,8 @@ def agree_worker() -> dict:
         ("capacity_factor", (1.0, 2.0), "capacity_factor (rank 0: 1.0, rank 1: 2.0)"),
         ("dtype", (torch.float32, torch.float64), "dtype (rank 0: torch.float32, rank 1: torch.float64)"),
         ("tuner", (True, False), "tuner and cluster settings (fingerprint) (rank 0: 0x"),
+        ("score_function", ("softmax", "sigmoid"), "score_function (rank 0: 'softmax', rank 1: 'sigmoid')"),
+        ("shared_hidden_dim", (0, 8), "shared_hidden_dim (rank 0: 0, rank 1: 8)"),
     ],
 )
 def test_layers_built_differently_raise_on_every_rank(pool2, field, values, expected):

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flexmoe.amp import autocast_disabled, expert_compute_dtype
 from flexmoe.comm import ExpertGroups, agree_max, check_agreement
 from flexmoe.config import ALL_TO_ALL_ALGORITHMS, MoEConfig
 from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
@@ -264,21 +265,30 @@ class MoELayer(nn.Module):
         self._validate(x)
         plan, source = self._plan_before_routing(plan)
         x_TM = x.reshape(-1, self.config.model_dim)
+        # Under autocast the experts (GEMMs, all-to-all, weight gathers) run in autocast's dtype and the
+        # layer returns it, as nn.Linear does; the gate and routing stay fp32 (DESIGN sections 2, 11).
+        # The casts are explicit and the rest runs with autocast off, so it computes exactly what an
+        # explicitly cast low-precision layer computes.
+        device_type = x.device.type
+        param_dtype = self.experts.fc1_weight.dtype
+        compute_dtype = expert_compute_dtype(param_dtype, device_type)
+        out_dtype = x.dtype if compute_dtype == param_dtype else compute_dtype
         started = time.perf_counter()
-        logits_TE = self.gate(x_TM)
-        routing = route(
-            logits_TE,
-            self.config.routing(training=self.training),
-            training=self.training,
-            agree_capacity=self._agree_capacity(plan, x.device),
-        )
-        if plan is None:
-            plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
-        plan, strategy = self._strategy(plan)
-        routing = routing.padded_to(strategy.capacity_multiple)
-        y_TM = strategy(
-            x_TM.to(self.experts.fc1_weight.dtype), routing, is_postscore=self.config.is_postscore
-        )
+        with autocast_disabled(device_type):
+            logits_TE = self.gate(x_TM)
+            routing = route(
+                logits_TE,
+                self.config.routing(training=self.training),
+                training=self.training,
+                agree_capacity=self._agree_capacity(plan, x.device),
+            )
+            if plan is None:
+                plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
+            plan, strategy = self._strategy(plan)
+            routing = routing.padded_to(strategy.capacity_multiple)
+            y_TM = strategy(
+                x_TM.to(compute_dtype), routing, is_postscore=self.config.is_postscore, dtype=compute_dtype
+            )
         if source == "tuner-explore":
             self._time_trial(routing.capacity, plan, started, x_TM, y_TM)
         self.aux_loss = routing.aux_loss
@@ -286,7 +296,7 @@ class MoELayer(nn.Module):
         self.last_plan = PlanRecord(
             r=plan.r, d=plan.d, all_to_all=plan.all_to_all, capacity=routing.capacity, source=source
         )
-        return y_TM.to(x.dtype).view(x.shape)
+        return y_TM.to(out_dtype).view(x.shape)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flexmoe.amp import amp_backward, amp_forward
 from flexmoe.ops.expert_ffn import ExpertWeights, ffn_backward, ffn_forward
 
 
@@ -71,6 +72,7 @@ class FilledRows:
 
 class PipelinedExpertExchange(torch.autograd.Function):
     @staticmethod
+    @amp_forward(cast_inputs=True)  # tokens and weights in the autocast dtype: what travels is low precision
     def forward(ctx, send_WLCM, filled_WLd, w1, b1, w2, b2, groups, d: int, algorithm: str, activation: str):
         W, L, Cp, M = send_WLCM.shape
         assert Cp % d == 0, "capacity must be padded to a multiple of d"
@@ -94,6 +96,7 @@ class PipelinedExpertExchange(torch.autograd.Function):
         return ret
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_ret_WLCM):
         w1, b1, w2, b2, *saved = ctx.saved_tensors
         weights = ExpertWeights(w1, b1, w2, b2, ctx.activation)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flexmoe.amp import amp_backward, amp_forward
+
 
 def activation_forward(kind: str, hpre_RX: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """activation(hpre), written into `out` when given (no temporary)."""
@@ -218,6 +220,7 @@ class GroupedExpertFFN(torch.autograd.Function):
     """Autograd wrapper: the whole grouped FFN is one node with the hand-written backward."""
 
     @staticmethod
+    @amp_forward(cast_inputs=True)  # out= GEMMs: run in the autocast dtype, autocast off
     def forward(ctx, x_RM, w1_GMX, b1_GX, w2_GHM, b2_GM, sizes: tuple[int, ...], activation: str):
         w = ExpertWeights(w1_GMX, b1_GX, w2_GHM, b2_GM, activation)
         out, hpre, act = ffn_forward(x_RM, w, sizes)
@@ -226,6 +229,7 @@ class GroupedExpertFFN(torch.autograd.Function):
         return out
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_out_RM):
         x_RM, hpre, act, w1, b1, w2, b2 = ctx.saved_tensors
         w = ExpertWeights(w1, b1, w2, b2, ctx.activation)

@@ -30,11 +30,10 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
-def expert_compute_dtype(param_dtype: torch.dtype, device_type: str) -> torch.dtype:
-    """The dtype of the expert GEMMs: autocast's where it is on (float64 stays float64, as autocast
-    leaves float64 ops alone), else the parameters' own."""
-    low = autocast_dtype(device_type)
-    return param_dtype if low is None or param_dtype == torch.float64 else low
+def expert_autocast_dtype(param_dtype: torch.dtype, device_type: str) -> torch.dtype | None:
+    """The autocast dtype the experts run in, or None where autocast is off or does not apply
+    (float64 parameters stay float64, as autocast leaves float64 ops alone)."""
+    return None if param_dtype == torch.float64 else autocast_dtype(device_type)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe.amp import autocast_disabled, expert_compute_dtype
+from flexmoe.amp import autocast_disabled, expert_autocast_dtype
 from flexmoe.comm import ExpertGroups, agree_max, check_agreement
 from flexmoe.config import ALL_TO_ALL_ALGORITHMS, MoEConfig
 from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
@@ -270,9 +270,9 @@ class MoELayer(nn.Module):
         # The casts are explicit and the rest runs with autocast off, so it computes exactly what an
         # explicitly cast low-precision layer computes.
         device_type = x.device.type
-        param_dtype = self.experts.fc1_weight.dtype
-        compute_dtype = expert_compute_dtype(param_dtype, device_type)
-        out_dtype = x.dtype if compute_dtype == param_dtype else compute_dtype
+        low_dtype = expert_autocast_dtype(self.experts.fc1_weight.dtype, device_type)
+        compute_dtype = low_dtype or self.experts.fc1_weight.dtype
+        out_dtype = low_dtype or x.dtype
         started = time.perf_counter()
         with autocast_disabled(device_type):
             logits_TE = self.gate(x_TM)

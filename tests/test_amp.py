@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import flexmoe.comm as comm
 from flexmoe import MoELayer, Plan
+from flexmoe.cost_model import PRESETS, CostModel, LayerShape
 from flexmoe.ops.expert_ffn import ExpertWeights, grouped_expert_ffn
 from flexmoe.testing.distributed import DistributedPool
 
@@ -263,3 +264,25 @@ def test_two_ranks_move_bf16_and_match_one_process(pool):
                 got = per_rank[rank][i][n]
                 assert got.dtype == torch.float32, (n, where)
                 assert _rel(got, g) <= 2e-2, (n, where, _rel(got, g))
+
+
+def test_cost_model_charges_the_bytes_that_travel():
+    model = CostModel(PRESETS["a100"])
+    shape = dict(model_dim=1024, hidden_dim=4096, num_experts=16, world_size=64, capacity=512, tokens=4096)
+    fp32 = LayerShape(bytes_per_element=4, **shape)
+    mixed = LayerShape(bytes_per_element=2, master_bytes_per_element=4, **shape)
+    pure16 = LayerShape(bytes_per_element=2, **shape)
+    # expert parallel: the all-to-all carries the compute dtype
+    assert model.step_time(mixed, Plan(r=1)) < model.step_time(fp32, Plan(r=1))
+    # r = 0: gathered in bf16, gradients reduce-scattered in the fp32 master dtype
+    r0 = [model.step_time(s, Plan(r=0)) for s in (pure16, mixed, fp32)]
+    assert r0[0] < r0[1] < r0[2], r0
+
+
+def test_layer_tells_the_tuner_its_compute_dtype():
+    layer = _layer()
+    layer(_x())
+    assert layer._expert_dtype == torch.float32
+    with torch.autocast("cpu", dtype=LOW):
+        layer(_x())
+    assert layer._expert_dtype == LOW

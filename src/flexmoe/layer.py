@@ -119,6 +119,7 @@ class MoELayer(nn.Module):
         self.gate = build_gate(gate, model_dim, num_experts, generator=gate_generator, device=device)
         self.experts = Experts(self.layout, seed=self.seed, bias=bias, dtype=dtype, device=device)
         self._strategies: dict[Plan, object] = {}
+        self._expert_dtype = self.experts.fc1_weight.dtype  # the experts' compute dtype in the last forward
         # the run-time tuner (True: default settings); False keeps "adaptive" on the static default plan
         if tuner is True:
             tuner = TunerConfig()
@@ -170,7 +171,14 @@ class MoELayer(nn.Module):
         model = CostModel(cluster or default_cluster(device))
 
         def rank_plans(capacity: int):
-            layer_shape = LayerShape(capacity=capacity, tokens=capacity * c.num_experts // c.top_k, **shape)
+            layer_shape = LayerShape(
+                capacity=capacity,
+                tokens=capacity * c.num_experts // c.top_k,
+                # what the collectives carry: the dtype the experts ran in last (autocast's or the params')
+                bytes_per_element=self._expert_dtype.itemsize,
+                master_bytes_per_element=self.experts.fc1_weight.dtype.itemsize,
+                **shape,
+            )
             return model.rank(layer_shape, plans)
 
         return PlanTuner(plans, rank_plans, config=config, group=self.group)
@@ -273,6 +281,7 @@ class MoELayer(nn.Module):
         low_dtype = expert_autocast_dtype(self.experts.fc1_weight.dtype, device_type)
         compute_dtype = low_dtype or self.experts.fc1_weight.dtype
         out_dtype = low_dtype or x.dtype
+        self._expert_dtype = compute_dtype
         started = time.perf_counter()
         with autocast_disabled(device_type):
             logits_TE = self.gate(x_TM)

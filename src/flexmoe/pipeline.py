@@ -85,8 +85,8 @@ class PipelinedExpertExchange(torch.autograd.Function):
         outbound, saved = [], []
         for handle, rows in zip(inbound, filled, strict=True):
             x_NM = rows.pack(_to_flexible(handle.wait()))
-            y_NM, hpre, act = ffn_forward(x_NM, weights, rows.sizes)
-            saved += [x_NM, hpre, act]
+            y_NM, hpre = ffn_forward(x_NM, weights, rows.sizes)
+            saved += [x_NM, hpre]  # the activation is recomputed from hpre in backward
             y_RM = rows.unpack(y_NM, L * W * c)
             outbound.append(groups.all_to_all_start(_from_flexible(y_RM, W, L, c), algorithm))
         ret = torch.cat([handle.wait() for handle in outbound], dim=2)
@@ -107,12 +107,11 @@ class PipelinedExpertExchange(torch.autograd.Function):
         outbound = []
         totals = None
         for i, (handle, rows) in enumerate(zip(inbound, ctx.filled, strict=True)):
-            x_NM, hpre, act = saved[3 * i : 3 * i + 3]
+            x_NM, hpre = saved[2 * i : 2 * i + 2]
             grads = ffn_backward(
                 rows.pack(_to_flexible(handle.wait())),
                 x_NM,
                 hpre,
-                act,
                 weights,
                 rows.sizes,
                 need_input_grad=True,

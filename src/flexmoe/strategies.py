@@ -14,19 +14,25 @@ import torch
 import torch.nn.functional as F
 
 from flexmoe.comm import ExpertGroups, all_gather_shards
-from flexmoe.dispatch import combine, combine_packed, dispatch, dispatch_packed
+from flexmoe.dispatch import combine, dispatch
 from flexmoe.experts import Experts
-from flexmoe.ops.expert_ffn import ExpertWeights, grouped_expert_ffn
+from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
 from flexmoe.pipeline import pipelined_expert_exchange
 from flexmoe.plans import Plan
 from flexmoe.routing import RoutingPlan
 
 
 def run_packed(x_TM: torch.Tensor, routing: RoutingPlan, weights: ExpertWeights, *, is_postscore: bool):
-    """All E experts on this rank's own tokens, touching only the kept rows (no padding)."""
-    rows_NM = dispatch_packed(x_TM, routing, is_postscore=is_postscore)
-    out_NM = grouped_expert_ffn(rows_NM, weights, tuple(routing.kept_counts))
-    return combine_packed(out_NM, routing, is_postscore=is_postscore)
+    """All E experts on this rank's own tokens, touching only the kept rows (no padding); one autograd
+    node that keeps only the pre-activations for backward (ops.expert_ffn.packed_moe)."""
+    return packed_moe(
+        x_TM,
+        routing.token_N,
+        routing.weight_N,
+        weights,
+        tuple(routing.kept_counts),
+        is_postscore=is_postscore,
+    )
 
 
 def _join_hidden_blocks(t_gEKX: torch.Tensor, activation: str, *, fc1: bool) -> torch.Tensor:

@@ -9,8 +9,9 @@ For each workload, in one run (same process, same threads):
   that layer / expert ffn is what routing, dispatch and combine add on top of the experts;
 - gemm floor: only the expert GEMMs (6 per expert for fwd+bwd, 2 for fwd) on exactly the kept rows;
 - peak floor: the FLOPs of those GEMMs over the rate of a large square matmul;
-- working memory (`*_wm_mb`): the peak bytes one forward+backward allocates above what was live
-  before it (parameters, input), for flexmoe and every baseline (flexmoe.bench.memory).
+- working memory (`*_wm_mb`): the peak bytes one forward+backward (from a given output gradient)
+  allocates above what was live before it (parameters, input), for flexmoe, the einsum layer and
+  fairscale (flexmoe.bench.memory); parameter gradients count.
 
 `--autocast bfloat16` runs every implementation on fp32 parameters under torch.autocast, and the
 floors in bf16. The fp32 and bf16 square matmul rates are printed beside every figure, since what
@@ -232,12 +233,38 @@ def _add_rates(result: dict, times: dict, flops: int) -> None:
         result[f"{name}_gflops"] = flops / statistics.median(times[f"square_{name}_s"]) / 1e9
 
 
-def _memory(result: dict, steps: dict, device) -> None:
+def _upstream_step(module, x, probe, amp):
+    """Forward + backward from a preallocated output gradient: like the input, it is not working
+    memory, and no loss's temporaries blur the layer's own figure. `probe`: a small valid input."""
+    with torch.no_grad(), amp():
+        dtype = module(probe).dtype  # e.g. the autocast dtype for MoELayer, x's for the einsum layer
+    grad = torch.randn(x.shape, dtype=dtype, device=x.device)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with amp():
+            y = module(x)
+        y.backward(grad)
+
+    return step
+
+
+def _memory(result: dict, modules: dict, amp, device) -> None:
     """Working memory (MB) of each implementation's forward+backward, and flexmoe's saving vs einsum."""
-    for impl in ("flexmoe", "einsum", "fairscale", "padded"):
-        if f"{impl}_fb_s" in steps:
-            result[f"{impl}_wm_mb"] = working_memory(steps[f"{impl}_fb_s"], device) / 1e6
+    for impl, (module, x, probe) in modules.items():
+        result[f"{impl}_wm_mb"] = working_memory(_upstream_step(module, x, probe, amp), device) / 1e6
     result["wm_saving_vs_einsum"] = 1 - result["flexmoe_wm_mb"] / result["einsum_wm_mb"]
+
+
+def _memory_modules(w: LayerWorkload, layer, base, x, dtype, device) -> dict:
+    """implementation -> (module, its input, a small valid input) for every implementation we run."""
+    modules = {"flexmoe": (layer, x, x[:1]), "einsum": (base, x, x[:1])}
+    fairscale = _fairscale_layer(w, dtype) if torch.device(device).type == "cpu" else None
+    if fairscale is not None:  # fairscale takes [E, tokens / E, M] and needs a multiple of E rows
+        xs = x.detach().view(w.num_experts, -1, w.model_dim).requires_grad_()
+        modules["fairscale"] = (fairscale, xs, xs[:, :1])
+    return modules
 
 
 def bench_workload(
@@ -269,10 +296,11 @@ def bench_workload(
         "einsum_fb_s": _fwd_bwd(base, x, amp),
         "einsum_f_s": _fwd(base, x, amp),
     }
-    fairscale = _fairscale_layer(w, dtype) if torch.device(device).type == "cpu" else None
-    if fairscale is not None:
-        xs = x.detach().view(w.num_experts, -1, w.model_dim).requires_grad_()
-        steps.update(fairscale_fb_s=_fwd_bwd(fairscale, xs, amp), fairscale_f_s=_fwd(fairscale, xs, amp))
+    modules = _memory_modules(w, layer, base, x, dtype, device)
+    if "fairscale" in modules:
+        _, xs, _ = modules["fairscale"]
+        steps.update(fairscale_fb_s=_fwd_bwd(modules["fairscale"][0], xs, amp))
+        steps.update(fairscale_f_s=_fwd(modules["fairscale"][0], xs, amp))
     times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
     result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
     result.update({name: statistics.median(ts) for name, ts in times.items()})
@@ -296,7 +324,7 @@ def bench_workload(
     result["over_expert_ffn_fb"] = paired_ratio(times["flexmoe_fb_s"], times["expert_ffn_fb_s"])
     result["expert_ffn_over_gemm_floor_fb"] = paired_ratio(times["expert_ffn_fb_s"], times["gemm_floor_fb_s"])
     if memory:
-        _memory(result, steps, device)
+        _memory(result, modules, amp, device)
     return result
 
 
@@ -307,7 +335,7 @@ def memory_workload(w: LayerWorkload, *, dtype, device, autocast=None) -> dict:
     rate_steps, rate_flops = _matmul_rates(device)
     times = interleaved_times(rate_steps, warmup=1, repeats=3, device=device)
     result = {"workload": w.name, **asdict(w)}
-    _memory(result, {"flexmoe_fb_s": _fwd_bwd(layer, x, amp), "einsum_fb_s": _fwd_bwd(base, x, amp)}, device)
+    _memory(result, _memory_modules(w, layer, base, x, dtype, device), amp, device)
     result["capacity"] = layer.last_plan.capacity
     _add_rates(result, times, rate_flops)
     return result
@@ -342,6 +370,7 @@ MEMORY_COLUMNS = (
     "workload",
     "flexmoe_wm_mb",
     "einsum_wm_mb",
+    "fairscale_wm_mb",
     "wm_saving_vs_einsum",
     "fp32_gflops",
     "bf16_gflops",

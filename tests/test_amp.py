@@ -7,6 +7,7 @@ in the autocast dtype; fp32 parameters get fp32 gradients; the layer returns the
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from flexmoe import MoELayer, Plan
 from flexmoe.cost_model import PRESETS, CostModel, LayerShape
 from flexmoe.ops.expert_ffn import ExpertWeights, grouped_expert_ffn
 from flexmoe.testing.distributed import DistributedPool
+from flexmoe.train import TrainConfig, parse_args, train
 
 M, H, E, T = 24, 40, 4, 96
 LOW = torch.bfloat16
@@ -286,3 +288,32 @@ def test_layer_tells_the_tuner_its_compute_dtype():
     with torch.autocast("cpu", dtype=LOW):
         layer(_x())
     assert layer._expert_dtype == LOW
+
+
+@pytest.mark.timeout(300)
+def test_training_with_bf16_precision_runs_moe_layers_under_autocast(tmp_path, monkeypatch):
+    seen = []
+    forward = MoELayer.forward
+
+    def spying_forward(self, x, plan=None):
+        y = forward(self, x, plan)
+        if self.training:
+            seen.append((torch.is_autocast_enabled("cpu"), y.dtype, self.aux_loss.dtype))
+        return y
+
+    monkeypatch.setattr(MoELayer, "forward", spying_forward)
+    config = TrainConfig(
+        limit=120,
+        epochs=1,
+        batch_size=16,
+        max_steps_per_epoch=2,
+        out_dir=str(tmp_path),
+        model_overrides=dict(embed_dim=16, num_heads=[1, 2, 4, 8], num_experts=4),
+        precision="bf16",
+    )
+    result = train(config)
+    assert seen and all(s == (True, LOW, torch.float32) for s in seen), seen
+    assert all(math.isfinite(e["train_loss"]) for e in result["epochs"])
+    assert parse_args(["--precision", "bf16"]).precision == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")

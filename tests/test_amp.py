@@ -317,3 +317,23 @@ def test_training_with_bf16_precision_runs_moe_layers_under_autocast(tmp_path, m
     assert parse_args(["--precision", "bf16"]).precision == "bf16"
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_dtypes_and_closeness(low):
+    layer = _layer().cuda()
+    x = _x(256).detach().cuda().requires_grad_(True)
+    y32 = layer(x)
+    (y32 * y32).sum().backward()
+    want = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=low):
+        y = layer(x)
+        assert layer.aux_loss.dtype == torch.float32
+    assert y.dtype == low
+    (y.float() * y.float()).sum().backward()
+    assert _rel(y, y32) <= 1e-2
+    for n, p in layer.named_parameters():
+        assert p.grad.dtype == torch.float32 and _rel(p.grad, want[n]) <= 2e-2, n

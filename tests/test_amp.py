@@ -337,3 +337,11 @@ def test_cuda_autocast_dtypes_and_closeness(low):
     assert _rel(y, y32) <= 1e-2
     for n, p in layer.named_parameters():
         assert p.grad.dtype == torch.float32 and _rel(p.grad, want[n]) <= 2e-2, n
+
+
+def test_functions_run_on_tensors_autocast_does_not_know():
+    w = ExpertWeights(
+        torch.ones(1, M, H, device="meta"), None, torch.ones(1, H, M, device="meta"), None, "relu"
+    )
+    out = grouped_expert_ffn(torch.ones(3, M, **meta), w, (3,))
+    assert out.shape == (3, M) and out.device.type == "meta"

@@ -23,9 +23,17 @@ from collections.abc import Callable, Iterator
 import torch
 
 
+def _supported(device_type: str) -> bool:
+    try:  # e.g. "meta" tensors have no autocast
+        torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        return False
+    return True
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs eligible ops in on `device_type`, or None when it is off there."""
-    if not torch.is_autocast_enabled(device_type):
+    if not _supported(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -39,7 +47,7 @@ def expert_autocast_dtype(param_dtype: torch.dtype, device_type: str) -> torch.d
 @contextlib.contextmanager
 def autocast_disabled(device_type: str) -> Iterator[None]:
     """Run the block with autocast off on `device_type` (a no-op where it is off already)."""
-    if not torch.is_autocast_enabled(device_type):
+    if autocast_dtype(device_type) is None:
         yield
         return
     with torch.autocast(device_type=device_type, enabled=False):
@@ -66,6 +74,9 @@ def amp_forward(*, cast_inputs: bool) -> Callable:
         @functools.wraps(forward)
         def run(ctx, *args):
             device_type = _device_type(args)
+            if not _supported(device_type):
+                ctx.amp_device_type = None
+                return forward(ctx, *args)
             ctx.amp_device_type = device_type
             low = autocast_dtype(device_type) if cast_inputs else None
             return torch.amp.custom_fwd(forward, device_type=device_type, cast_inputs=low)(ctx, *args)
@@ -80,6 +91,8 @@ def amp_backward(backward: Callable) -> Callable:
 
     @functools.wraps(backward)
     def run(ctx, *grads):
+        if ctx.amp_device_type is None:
+            return backward(ctx, *grads)
         return torch.amp.custom_bwd(backward, device_type=ctx.amp_device_type)(ctx, *grads)
 
     return run

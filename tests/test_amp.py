@@ -343,5 +343,5 @@ def test_functions_run_on_tensors_autocast_does_not_know():
     w = ExpertWeights(
         torch.ones(1, M, H, device="meta"), None, torch.ones(1, H, M, device="meta"), None, "relu"
     )
-    out = grouped_expert_ffn(torch.ones(3, M, **meta), w, (3,))
+    out = grouped_expert_ffn(torch.ones(3, M, device="meta"), w, (3,))
     assert out.shape == (3, M) and out.device.type == "meta"

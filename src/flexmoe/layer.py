@@ -44,7 +44,9 @@ def _shared_seed(seed: int | None, group, world_size: int) -> int:
 
 
 class MoELayer(nn.Module):
-    """Sparsely-gated mixture-of-experts FFN with one sharded expert layout for every plan."""
+    """Sparsely-gated mixture-of-experts FFN with one sharded expert layout for every plan.
+
+    Under torch.autocast the experts run in, and the output has, the autocast dtype (flexmoe.amp)."""
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flexmoe import MoELayer, Plan
+from flexmoe.bench.memory import working_memory
 from flexmoe.comm import ExpertGroups
 from flexmoe.config import RoutingConfig
 from flexmoe.dispatch import combine, combine_packed, dispatch, dispatch_packed
@@ -141,3 +142,17 @@ def test_expert_parallel_step_saves_rows_and_pre_activations_only():
     saved = _saved_bytes(layer, x, run)
     bound = run.N * (2 * MB + HB) * 4 + _routing_bound(run.N)
     assert saved <= bound, (saved, bound)
+
+
+def test_inference_keeps_no_pre_activations(monkeypatch):
+    """Under no_grad the pre-activations live one block (here: one expert) at a time."""
+    monkeypatch.setattr(expert_ffn, "_BLOCK_ELEMENTS", 1)
+    layer = MoELayer(MB, 4 * HB, 2 * E, top_k=K, capacity_factor=1.0, seed=0)
+    x = torch.randn(4 * T, MB)
+    want = layer(x)
+    N = int(layer.last_routing.kept_E.sum())
+    with torch.no_grad():
+        got = layer(x)
+        peak = working_memory(lambda: layer(x))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert peak < N * 4 * HB * 4, (peak, N * 4 * HB * 4)  # less than hpre of all kept rows alone

@@ -317,14 +317,17 @@ def _gather_rows(x_TM: torch.Tensor, token_B: torch.Tensor, scale_B: torch.Tenso
     return rows if scale_B is None else rows.mul_(scale_B.unsqueeze(1))
 
 
-def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscore: bool):
+def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscore: bool, keep_hpre: bool):
+    """(y_TM, hpre_NX); without a backward to come (keep_hpre False) hpre lives one block at a time."""
     y_TM = x_TM.new_zeros(x_TM.shape[0], w.w2_GHM.shape[2])
-    hpre_NX = x_TM.new_empty(token_N.shape[0], w.w1_GMX.shape[2])
-    for block in _blocks(sizes, hpre_NX.shape[1]):
+    X = w.w1_GMX.shape[2]
+    hpre_NX = x_TM.new_empty(token_N.shape[0], X) if keep_hpre else None
+    for block in _blocks(sizes, X):
         rows = slice(block.lo, block.hi)
         x_B = _gather_rows(x_TM, token_N[rows], None if is_postscore else scale_N[rows])
-        _block_linear(hpre_NX[rows], x_B, block, w.w1_GMX, w.b1_GX)
-        act_B = activation_forward(w.activation, hpre_NX[rows])
+        hpre_B = hpre_NX[rows] if keep_hpre else x_B.new_empty(block.hi - block.lo, X)
+        _block_linear(hpre_B, x_B, block, w.w1_GMX, w.b1_GX)
+        act_B = activation_forward(w.activation, hpre_B)
         out_B = x_B.new_empty(act_B.shape[0], y_TM.shape[1])
         _block_linear(out_B, act_B, block, w.w2_GHM, w.b2_GM)
         if is_postscore:
@@ -338,10 +341,29 @@ class PackedMoE(torch.autograd.Function):
 
     @staticmethod
     @amp_forward(cast_inputs=True)  # out= GEMMs: run in the autocast dtype, autocast off
-    def forward(ctx, x_TM, token_N, weight_N, w1, b1, w2, b2, sizes, activation: str, is_postscore: bool):
+    def forward(
+        ctx,
+        x_TM,
+        token_N,
+        weight_N,
+        w1,
+        b1,
+        w2,
+        b2,
+        sizes,
+        activation: str,
+        is_postscore: bool,
+        keep_hpre: bool,
+    ):
         w = ExpertWeights(w1, b1, w2, b2, activation)
         y_TM, hpre_NX = _moe_forward(
-            x_TM, token_N, weight_N.to(x_TM.dtype), w, sizes, is_postscore=is_postscore
+            x_TM,
+            token_N,
+            weight_N.to(x_TM.dtype),
+            w,
+            sizes,
+            is_postscore=is_postscore,
+            keep_hpre=keep_hpre,
         )
         ctx.save_for_backward(x_TM, token_N, weight_N, hpre_NX, w1, b1, w2, b2)
         ctx.sizes, ctx.activation, ctx.is_postscore = sizes, activation, is_postscore
@@ -394,7 +416,7 @@ class PackedMoE(torch.autograd.Function):
                     gx_B.mul_(s_B1)
                 if need_x:
                     grad_x.index_add_(0, token_N[rows], gx_B)
-        return grad_x, None, grad_s, gw1, gb1, gw2, gb2, None, None, None
+        return grad_x, None, grad_s, gw1, gb1, gw2, gb2, None, None, None, None
 
 
 def packed_moe(
@@ -410,6 +432,9 @@ def packed_moe(
     token token_N[n]; assignments grouped by expert, sizes[g] of them for expert g (see above)."""
     if sum(sizes) != token_N.shape[0] or len(sizes) != w.num_groups:
         raise ValueError(f"sizes {sizes} must list {w.num_groups} groups summing to {token_N.shape[0]} rows")
+    tensors = (x_TM, weight_N, w.w1_GMX, w.b1_GX, w.w2_GHM, w.b2_GM)
+    # without a backward to come (inference) no [N, X] tensor outlives its block
+    keep_hpre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return PackedMoE.apply(
         x_TM.contiguous(),
         token_N,
@@ -421,4 +446,5 @@ def packed_moe(
         sizes,
         w.activation,
         is_postscore,
+        keep_hpre,
     )

@@ -34,3 +34,16 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert paired_ratio([1.0, 10.0, 3.0], [1.0, 5.0, 1.0]) == 2.0
     with pytest.raises(ValueError):
         paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_layer_benchmark_reports_working_memory_under_autocast(tmp_path):
+    out = str(tmp_path / "m.json")
+    args = ["--quick", "--repeats", "1", "--warmup", "0", "--only", "0", "--out", out]
+    first = bench_layer([*args, "--autocast", "bfloat16"])["results"][0]
+    for key in ("flexmoe_wm_mb", "einsum_wm_mb", "fp32_gflops", "bf16_gflops", "flexmoe_fb_s"):
+        assert first[key] > 0, key
+    assert first["wm_saving_vs_einsum"] < 1
+    memory = bench_layer(["--quick", "--memory", "--out", out])["results"][0]
+    assert memory["flexmoe_wm_mb"] > 0 and memory["einsum_wm_mb"] > 0
+    with pytest.raises(ValueError, match="--autocast"):
+        bench_layer([*args, "--autocast", "bfloat16", "--dtype", "bfloat16"])

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from flexmoe.amp import amp_backward, amp_forward
 from flexmoe.layout import divisors
 
 ALGORITHMS = ("flat", "2dh")
@@ -341,12 +342,15 @@ class ExpertGroups:
 
 
 class _AllToAll(torch.autograd.Function):
+    # moves data only: x travels in its own dtype (low precision when the layer cast it under autocast)
     @staticmethod
+    @amp_forward(cast_inputs=False)
     def forward(ctx, x: torch.Tensor, groups: ExpertGroups, algorithm: str) -> torch.Tensor:
         ctx.groups, ctx.algorithm = groups, algorithm
         return groups.all_to_all_start(x, algorithm).wait()
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_W: torch.Tensor):
         # out_i[j] = in_j[i] is its own transpose: the gradient goes back by the same exchange.
         return ctx.groups.all_to_all_start(grad_W.contiguous(), ctx.algorithm).wait(), None, None
@@ -363,32 +367,40 @@ def all_to_all(x: torch.Tensor, groups: ExpertGroups, algorithm: str = "flat") -
 
 
 class _AllGatherShards(torch.autograd.Function):
+    # casts explicitly (to `dtype`), so it needs no autocast casting of its own
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        ctx.group = group
+    @amp_forward(cast_inputs=False)
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup, dtype: torch.dtype) -> torch.Tensor:
+        ctx.group, ctx.shard_dtype = group, x.dtype
         g = dist.get_world_size(group)
-        x = x.contiguous()
-        out_g = torch.empty((g, *x.shape), dtype=x.dtype, device=x.device)
+        x = x.to(dtype).contiguous()  # gathered in `dtype`: bf16 moves half the bytes of fp32
+        out_g = torch.empty((g, *x.shape), dtype=dtype, device=x.device)
         _all_gather_flat(out_g.view(-1), x.view(-1), group)
         return out_g
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_g: torch.Tensor):
-        # Every rank used every shard: a shard's gradient is the sum of all g ranks' contributions.
-        grad_g = grad_g.contiguous()
+        # Every rank used every shard: a shard's gradient is the sum of all g ranks' contributions,
+        # summed in the shard's (master) dtype so that adding W low-precision terms loses no bits.
+        grad_g = grad_g.to(ctx.shard_dtype).contiguous()
         grad = torch.empty(grad_g.shape[1:], dtype=grad_g.dtype, device=grad_g.device)
         _reduce_scatter_flat(grad.view(-1), grad_g.view(-1), ctx.group)
-        return grad, None
+        return grad, None, None
 
 
-def all_gather_shards(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+def all_gather_shards(
+    x: torch.Tensor, group: ProcessGroup | None, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Stack the g ranks' shards: [*shape] -> [g, *shape]; backward reduce-scatters (SUM) the grads.
 
-    `group=None` is a block of one rank (see `ExpertGroups.block_group`): x.unsqueeze(0).
+    `dtype` (default x's): the dtype gathered and returned; the gradients are reduce-scattered in
+    x's dtype. `group=None` is a block of one rank (see `ExpertGroups.block_group`): x.unsqueeze(0).
     """
+    dtype = dtype or x.dtype
     if group is None or dist.get_world_size(group) == 1:
-        return x.unsqueeze(0)
-    return _AllGatherShards.apply(x, group)
+        return x.to(dtype).unsqueeze(0)
+    return _AllGatherShards.apply(x, group, dtype)
 
 
 # -- agreement across ranks ------------------------------------------------------------------------

@@ -102,7 +102,11 @@ class LayerShape:
     capacity: int  # C per (rank, expert), as routing produced it
     tokens: int  # tokens per rank
     top_k: int = 2
+    # element sizes (mixed precision): the expert compute dtype's, which the all-to-alls and the weight
+    # all-gathers carry (2 for bf16/fp16 under autocast, 4 in fp32), and the master parameters' into
+    # which gathered weights' gradients are reduce-scattered (None: the same)
     bytes_per_element: int = 2
+    master_bytes_per_element: int | None = None
     swiglu: bool = False
 
     @property
@@ -164,18 +168,24 @@ class CostModel:
         """Predicted forward + backward seconds of one layer on one rank."""
         c, W, E = self.cluster, shape.world_size, shape.num_experts
         s, b = shape.shards_per_expert, shape.bytes_per_element
+        b_master = shape.master_bytes_per_element or b
         M, H = shape.model_dim, shape.hidden_dim
         width = 3 if shape.swiglu else 2
         if plan.r == 0:
             rows = shape.tokens * shape.top_k
             compute = 3 * width * rows * M * H / c.flops
-            shard_bytes = E * shape.expert_params * b / W
-            gather = self.all_gather(shard_bytes, W, spans_nodes=c.gpus_per_node < W)
-            return compute + 2 * gather  # all-gather forward, reduce-scatter backward
+            shard_params = E * shape.expert_params / W
+            spans = c.gpus_per_node < W
+            gather = self.all_gather(shard_params * b, W, spans_nodes=spans)
+            scatter = self.all_gather(shard_params * b_master, W, spans_nodes=spans)  # same traffic shape
+            return compute + gather + scatter  # all-gather forward, reduce-scatter backward
         g = s // plan.r
         send_bytes = E * plan.r * shape.capacity * M * b
         compute = 3 * width * E * shape.capacity * M * H / c.flops  # forward + 2x backward
-        gather = self.all_gather(shape.expert_params * b / s, g, spans_nodes=g > c.gpus_per_node)
+        spans = g > c.gpus_per_node
+        gather = self.all_gather(shape.expert_params * b / s, g, spans_nodes=spans)
+        # + the reduce-scatter of the gradients, in the master dtype
+        gather += self.all_gather(shape.expert_params * b_master / s, g, spans_nodes=spans)
         a = self.all_to_all(send_bytes / plan.d, W, plan.all_to_all)
         # forward: c_f = compute / 3; backward: 2 / 3 of it; both pipelined the same way
         total = 0.0
@@ -184,7 +194,7 @@ class CostModel:
             serial = plan.d * (2 * a + chunk)
             overlapped = 2 * a + chunk + (plan.d - 1) * max(2 * a, chunk)
             total += serial - c.overlap * (serial - overlapped)
-        return total + 2 * gather
+        return total + gather
 
     def rank(self, shape: LayerShape, plans: list[Plan]) -> list[tuple[Plan, float]]:
         return sorted(((p, self.step_time(shape, p)) for p in plans), key=lambda pt: pt[1])

@@ -12,31 +12,88 @@ from __future__ import annotations
 
 import torch
 
+from flexmoe.amp import amp_backward, amp_forward
 from flexmoe.routing import RoutingPlan
 
 
-def _scaled(rows_NM: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    return rows_NM * plan.weight_N.to(rows_NM.dtype).unsqueeze(1)
+class _GatherRows(torch.autograd.Function):
+    """rows_n = s_n * x_TM[t_n] (pre-score dispatch). Keeps x_TM, which the caller holds anyway, not the
+    rows: multiplying by the scores out of autograd's sight avoids saving an [N, M] copy."""
+
+    @staticmethod
+    @amp_forward(cast_inputs=False)  # moves and scales rows in their own dtype
+    def forward(ctx, x_TM: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TM, token_N, weight_N)
+        return x_TM.index_select(0, token_N).mul_(weight_N.to(x_TM.dtype).unsqueeze(1))
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad_NM: torch.Tensor):
+        x_TM, token_N, weight_N = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.linalg.vecdot(grad_NM, x_TM.index_select(0, token_N), dim=1)
+        if ctx.needs_input_grad[0]:
+            scaled = grad_NM * weight_N.to(grad_NM.dtype).unsqueeze(1)
+            grad_x = x_TM.new_zeros(x_TM.shape).index_add_(0, token_N, scaled.to(x_TM.dtype))
+        return grad_x, None, grad_w
+
+
+class _CombineRows(torch.autograd.Function):
+    """y_TM[t_n] += s_n * rows_n (s None: 1). Keeps the rows only when the scores need a gradient,
+    and never the scaled copy (autograd's index_add would save its whole [N, M] source)."""
+
+    @staticmethod
+    @amp_forward(cast_inputs=False)  # moves and scales rows in their own dtype
+    def forward(ctx, rows_NM, token_N, weight_N, num_tokens: int) -> torch.Tensor:
+        scaled = rows_NM if weight_N is None else rows_NM * weight_N.to(rows_NM.dtype).unsqueeze(1)
+        keep_rows = weight_N is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(rows_NM if keep_rows else None, token_N, weight_N)
+        return rows_NM.new_zeros(num_tokens, rows_NM.shape[1]).index_add_(0, token_N, scaled)
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad_TM: torch.Tensor):
+        rows_NM, token_N, weight_N = ctx.saved_tensors
+        grad_NM = grad_TM.index_select(0, token_N)
+        grad_w = torch.linalg.vecdot(grad_NM, rows_NM, dim=1) if rows_NM is not None else None
+        if weight_N is not None:
+            grad_NM.mul_(weight_N.to(grad_NM.dtype).unsqueeze(1))
+        return grad_NM if ctx.needs_input_grad[0] else None, None, grad_w, None
 
 
 def dispatch_packed(x_TM: torch.Tensor, plan: RoutingPlan, *, is_postscore: bool = True) -> torch.Tensor:
     """[T, M] -> [N, M]: the kept assignments' token rows, grouped by expert."""
-    rows_NM = x_TM.index_select(0, plan.token_N)
-    return rows_NM if is_postscore else _scaled(rows_NM, plan)
+    if is_postscore:
+        return x_TM.index_select(0, plan.token_N)  # autograd keeps only the index
+    return _GatherRows.apply(x_TM, plan.token_N, plan.weight_N)
 
 
 def combine_packed(out_NM: torch.Tensor, plan: RoutingPlan, *, is_postscore: bool = True) -> torch.Tensor:
     """[N, M] -> [T, M]: y_t = sum of its kept assignments' outputs (weighted when postscore)."""
-    rows_NM = _scaled(out_NM, plan) if is_postscore else out_NM
-    y_TM = out_NM.new_zeros(plan.num_tokens, out_NM.shape[1])
-    return y_TM.index_add(0, plan.token_N, rows_NM)
+    return _CombineRows.apply(out_NM, plan.token_N, plan.weight_N if is_postscore else None, plan.num_tokens)
+
+
+class _PadRows(torch.autograd.Function):
+    """rows -> zero-initialised buffer rows `slot_N` (autograd's index_copy would save the rows)."""
+
+    @staticmethod
+    @amp_forward(cast_inputs=False)  # moves rows in their own dtype
+    def forward(ctx, rows_NM: torch.Tensor, slot_N: torch.Tensor, num_rows: int) -> torch.Tensor:
+        ctx.save_for_backward(slot_N)
+        return rows_NM.new_zeros(num_rows, rows_NM.shape[1]).index_copy_(0, slot_N, rows_NM)
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad_SM: torch.Tensor):
+        (slot_N,) = ctx.saved_tensors
+        return grad_SM.index_select(0, slot_N), None, None
 
 
 def pad(rows_NM: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """[N, M] (slot order) -> [E, Cb, M] with zero rows in the unused slots."""
     E, Cb, M = plan.num_experts, plan.buffer_capacity, rows_NM.shape[1]
-    buffer = rows_NM.new_zeros(E * Cb, M).index_copy(0, plan.slot_N, rows_NM)
-    return buffer.view(E, Cb, M)
+    return _PadRows.apply(rows_NM, plan.slot_N, E * Cb).view(E, Cb, M)
 
 
 def unpad(buffer_ECM: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:

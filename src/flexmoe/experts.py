@@ -74,9 +74,13 @@ class Experts(nn.Module):
     def activation(self) -> str:
         return self.layout.activation
 
-    def local_weights(self) -> ExpertWeights:
-        """The shards as they are: whole experts when E >= W."""
-        return ExpertWeights(self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, self.activation)
+    def local_weights(self, dtype: torch.dtype | None = None) -> ExpertWeights:
+        """The shards as they are (whole experts when E >= W), cast to `dtype` when given (the cast
+        is differentiable: gradients come back in the parameters' dtype)."""
+        params = (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        if dtype is not None:
+            params = tuple(None if p is None else p.to(dtype) for p in params)
+        return ExpertWeights(*params, self.activation)
 
     def forward(self, x_RM: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
         """Rows grouped by local expert (group sizes `sizes`) -> expert outputs, same layout."""

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flexmoe import agreement
+from flexmoe.amp import autocast_disabled, expert_autocast_dtype
 from flexmoe.comm import ExpertGroups, WeakGroup
 from flexmoe.config import (
     ALL_TO_ALL_ALGORITHMS,
@@ -59,16 +60,27 @@ class _PlanRanker:
     """The tuner's ranking: capacity -> candidate plans, best predicted first. An object rather than
     a closure so that a layer pickles (torch.save) and deep-copies."""
 
-    def __init__(self, model: CostModel, plans: list[Plan], shape: dict):
+    def __init__(self, model: CostModel, plans: list[Plan], shape: dict, *, bytes_per_element: int):
         self.model, self.plans, self.shape = model, plans, shape
+        self.master_bytes_per_element = bytes_per_element  # the parameters' dtype (gradients)
+        self.bytes_per_element = bytes_per_element  # what the collectives carry: set by every forward
 
     def __call__(self, capacity: int):
         tokens = capacity * self.shape["num_experts"] // self.shape["top_k"]
-        return self.model.rank(LayerShape(capacity=capacity, tokens=tokens, **self.shape), self.plans)
+        shape = LayerShape(
+            capacity=capacity,
+            tokens=tokens,
+            bytes_per_element=self.bytes_per_element,
+            master_bytes_per_element=self.master_bytes_per_element,
+            **self.shape,
+        )
+        return self.model.rank(shape, self.plans)
 
 
 class MoELayer(nn.Module):
-    """Sparsely-gated mixture-of-experts FFN with one sharded expert layout for every plan."""
+    """Sparsely-gated mixture-of-experts FFN with one sharded expert layout for every plan.
+
+    Under torch.autocast the experts run in, and the output has, the autocast dtype (flexmoe.amp)."""
 
     def __init__(
         self,
@@ -262,7 +274,12 @@ class MoELayer(nn.Module):
             and (p.r == 0 or c.all_to_all in ("auto", p.all_to_all))
         ] or [self._fixed_plan()]
         model = CostModel(cluster or default_cluster(device))
-        return PlanTuner(plans, _PlanRanker(model, plans, shape), config=config, group=self.group)
+        return PlanTuner(
+            plans,
+            _PlanRanker(model, plans, shape, bytes_per_element=self.experts.fc1_weight.dtype.itemsize),
+            config=config,
+            group=self.group,
+        )
 
     def _fixed_plan(self) -> Plan:
         c = self.config
@@ -440,16 +457,27 @@ class MoELayer(nn.Module):
         self._validate(x)
         plan, source = self._plan_before_routing(plan)
         x_TM = x.reshape(-1, self.config.model_dim)
+        # Under autocast the experts (GEMMs, all-to-all, weight gathers) run in autocast's dtype and the
+        # layer returns it, as nn.Linear does; the gate and routing stay fp32 (DESIGN sections 2, 11).
+        # The casts are explicit and the rest runs with autocast off, so it computes exactly what an
+        # explicitly cast low-precision layer computes.
+        device_type = x.device.type
+        low_dtype = expert_autocast_dtype(self.experts.fc1_weight.dtype, device_type)
+        compute_dtype = low_dtype or self.experts.fc1_weight.dtype
+        out_dtype = low_dtype or x.dtype
+        if self.tuner is not None:  # the collectives carry the compute dtype (autocast's or the params')
+            self.tuner.rank_plans.bytes_per_element = compute_dtype.itemsize
         started = time.perf_counter()
-        routing = self._route(x_TM, self._agree_capacity(plan, x.device), top_k_index, top_k_weights)
-        if plan is None:
-            plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
-        plan, strategy = self._strategy(plan)
-        routing = routing.padded_to(strategy.capacity_multiple)
-        x_in = x_TM.to(self.experts.fc1_weight.dtype)
-        y_TM = strategy(x_in, routing, is_postscore=self.config.is_postscore)
-        if self.shared_experts is not None:
-            y_TM = y_TM + self.shared_experts(x_in)
+        with autocast_disabled(device_type):
+            routing = self._route(x_TM, self._agree_capacity(plan, x.device), top_k_index, top_k_weights)
+            if plan is None:
+                plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
+            plan, strategy = self._strategy(plan)
+            routing = routing.padded_to(strategy.capacity_multiple)
+            x_in = x_TM.to(compute_dtype)
+            y_TM = strategy(x_in, routing, is_postscore=self.config.is_postscore, dtype=compute_dtype)
+            if self.shared_experts is not None:
+                y_TM = y_TM + self.shared_experts(x_in)
         if source == "tuner-explore":
             self._time_trial(routing.capacity, plan, started, x_TM, y_TM)
         self.aux_loss = routing.aux_loss
@@ -457,7 +485,7 @@ class MoELayer(nn.Module):
         self.last_plan = PlanRecord(
             r=plan.r, d=plan.d, all_to_all=plan.all_to_all, capacity=routing.capacity, source=source
         )
-        return y_TM.to(x.dtype).view(x.shape)
+        return y_TM.to(out_dtype).view(x.shape)
 
     @torch.no_grad()
     def update_expert_bias(self) -> torch.Tensor:

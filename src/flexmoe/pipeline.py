@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flexmoe.amp import amp_backward, amp_forward
 from flexmoe.ops.expert_ffn import ExpertWeights, ffn_backward, ffn_forward
 
 
@@ -71,6 +72,7 @@ class FilledRows:
 
 class PipelinedExpertExchange(torch.autograd.Function):
     @staticmethod
+    @amp_forward(cast_inputs=True)  # tokens and weights in the autocast dtype: what travels is low precision
     def forward(ctx, send_WLCM, filled_WLd, w1, b1, w2, b2, groups, d: int, algorithm: str, activation: str):
         W, L, Cp, M = send_WLCM.shape
         assert Cp % d == 0, "capacity must be padded to a multiple of d"
@@ -83,8 +85,8 @@ class PipelinedExpertExchange(torch.autograd.Function):
         outbound, saved = [], []
         for handle, rows in zip(inbound, filled, strict=True):
             x_NM = rows.pack(_to_flexible(handle.wait()))
-            y_NM, hpre, act = ffn_forward(x_NM, weights, rows.sizes)
-            saved += [x_NM, hpre, act]
+            y_NM, hpre = ffn_forward(x_NM, weights, rows.sizes)
+            saved += [x_NM, hpre]  # the activation is recomputed from hpre in backward
             y_RM = rows.unpack(y_NM, L * W * c)
             outbound.append(groups.all_to_all_start(_from_flexible(y_RM, W, L, c), algorithm))
         ret = torch.cat([handle.wait() for handle in outbound], dim=2)
@@ -94,6 +96,7 @@ class PipelinedExpertExchange(torch.autograd.Function):
         return ret
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_ret_WLCM):
         w1, b1, w2, b2, *saved = ctx.saved_tensors
         weights = ExpertWeights(w1, b1, w2, b2, ctx.activation)
@@ -104,12 +107,11 @@ class PipelinedExpertExchange(torch.autograd.Function):
         outbound = []
         totals = None
         for i, (handle, rows) in enumerate(zip(inbound, ctx.filled, strict=True)):
-            x_NM, hpre, act = saved[3 * i : 3 * i + 3]
+            x_NM, hpre = saved[2 * i : 2 * i + 2]
             grads = ffn_backward(
                 rows.pack(_to_flexible(handle.wait())),
                 x_NM,
                 hpre,
-                act,
                 weights,
                 rows.sizes,
                 need_input_grad=True,

@@ -48,13 +48,14 @@ class SharedExperts(nn.Module):
 
     def forward(self, x_TM: torch.Tensor) -> torch.Tensor:
         def one(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.unsqueeze(0)
+            # in the tokens' dtype: under autocast the layer hands over tokens already cast to it
+            return None if t is None else t.unsqueeze(0).to(x_TM.dtype)
 
         w1, b1, w2, b2 = (one(t) for t in (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias))
         w = ExpertWeights(w1, b1, w2, b2, self.activation)
         out_TM = grouped_expert_ffn(x_TM, w, (x_TM.shape[0],))
         if self.gate_weight is not None:
-            out_TM = out_TM * torch.sigmoid(x_TM @ self.gate_weight.t())
+            out_TM = out_TM * torch.sigmoid(x_TM @ self.gate_weight.to(x_TM.dtype).t())
         return out_TM
 
     def extra_repr(self) -> str:

@@ -14,19 +14,25 @@ import torch
 import torch.nn.functional as F
 
 from flexmoe.comm import ExpertGroups, all_gather_shards
-from flexmoe.dispatch import combine, combine_packed, dispatch, dispatch_packed
+from flexmoe.dispatch import combine, dispatch
 from flexmoe.experts import Experts
-from flexmoe.ops.expert_ffn import ExpertWeights, grouped_expert_ffn
+from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
 from flexmoe.pipeline import pipelined_expert_exchange
 from flexmoe.plans import Plan
 from flexmoe.routing import RoutingPlan
 
 
 def run_packed(x_TM: torch.Tensor, routing: RoutingPlan, weights: ExpertWeights, *, is_postscore: bool):
-    """All E experts on this rank's own tokens, touching only the kept rows (no padding)."""
-    rows_NM = dispatch_packed(x_TM, routing, is_postscore=is_postscore)
-    out_NM = grouped_expert_ffn(rows_NM, weights, tuple(routing.kept_counts))
-    return combine_packed(out_NM, routing, is_postscore=is_postscore)
+    """All E experts on this rank's own tokens, touching only the kept rows (no padding); one autograd
+    node that keeps only the pre-activations for backward (ops.expert_ffn.packed_moe)."""
+    return packed_moe(
+        x_TM,
+        routing.token_N,
+        routing.weight_N,
+        weights,
+        tuple(routing.kept_counts),
+        is_postscore=is_postscore,
+    )
 
 
 def _join_hidden_blocks(t_gEKX: torch.Tensor, activation: str, *, fc1: bool) -> torch.Tensor:
@@ -37,9 +43,11 @@ def _join_hidden_blocks(t_gEKX: torch.Tensor, activation: str, *, fc1: bool) -> 
     return t_gEKX.permute(1, 2, 0, 3).reshape(E_, K, g * X)
 
 
-def gather_weights(experts: Experts, group, size: int) -> ExpertWeights:
+def gather_weights(experts: Experts, group, size: int, dtype: torch.dtype | None = None) -> ExpertWeights:
     """All-gather the shards of `size` consecutive ranks in ONE collective (backward: one
-    reduce-scatter). With size == s the result is whole experts; with size == W, all E experts."""
+    reduce-scatter). With size == s the result is whole experts; with size == W, all E experts.
+    `dtype`: the dtype gathered in (low precision under autocast: half the bytes); the gradients are
+    reduce-scattered in the parameters' dtype."""
     L = experts.layout
     params = [
         p
@@ -47,7 +55,7 @@ def gather_weights(experts: Experts, group, size: int) -> ExpertWeights:
         if p is not None
     ]
     flat = torch.cat([p.reshape(-1) for p in params])
-    gathered = all_gather_shards(flat, group)  # [size, numel]
+    gathered = all_gather_shards(flat, group, dtype=dtype)  # [size, numel]
     pieces = iter(gathered.split([p.numel() for p in params], dim=1))
     w1 = next(pieces).view(size, *experts.fc1_weight.shape)
     b1 = next(pieces).view(size, *experts.fc1_bias.shape) if experts.has_bias else None
@@ -77,13 +85,21 @@ class LocalStrategy:
     def __init__(self, experts: Experts, groups: ExpertGroups):
         self.experts, self.groups = experts, groups
 
-    def weights(self) -> ExpertWeights:
+    def weights(self, dtype: torch.dtype | None = None) -> ExpertWeights:
         if self.groups.world_size == 1:
-            return self.experts.local_weights()
-        return gather_weights(self.experts, self.groups.group, self.groups.world_size)
+            return self.experts.local_weights(dtype)
+        return gather_weights(self.experts, self.groups.group, self.groups.world_size, dtype)
 
-    def __call__(self, x_TM: torch.Tensor, routing: RoutingPlan, *, is_postscore: bool) -> torch.Tensor:
-        return run_packed(x_TM, routing, self.weights(), is_postscore=is_postscore)
+    def __call__(
+        self,
+        x_TM: torch.Tensor,
+        routing: RoutingPlan,
+        *,
+        is_postscore: bool,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """`dtype`: the expert compute dtype (x_TM's dtype when None; the layer passes autocast's)."""
+        return run_packed(x_TM, routing, self.weights(dtype or x_TM.dtype), is_postscore=is_postscore)
 
 
 class ExpertParallelStrategy:
@@ -100,11 +116,11 @@ class ExpertParallelStrategy:
         self.block_index = layout.shard_index // self.ranks_per_block  # q: which H / r block
         self.capacity_multiple = self.ranks_per_block * plan.d
 
-    def weights(self) -> ExpertWeights:
+    def weights(self, dtype: torch.dtype | None = None) -> ExpertWeights:
         g, L = self.ranks_per_block, self.experts.layout
         if L.shards_per_expert == 1:
-            return self.experts.local_weights()
-        w = gather_weights(self.experts, self.groups.block_group(g), g)
+            return self.experts.local_weights(dtype)
+        w = gather_weights(self.experts, self.groups.block_group(g), g, dtype)
         if w.b2_GM is None or self.plan.r == 1:
             return w
         # the g ranks of block q hold the fc2 bias columns of block q: each block adds its own columns,
@@ -114,7 +130,14 @@ class ExpertParallelStrategy:
         b2 = F.pad(w.b2_GM, (q * width, M - (q + 1) * width))
         return ExpertWeights(w.w1_GMX, w.b1_GX, w.w2_GHM, b2, w.activation)
 
-    def __call__(self, x_TM: torch.Tensor, routing: RoutingPlan, *, is_postscore: bool) -> torch.Tensor:
+    def __call__(
+        self,
+        x_TM: torch.Tensor,
+        routing: RoutingPlan,
+        *,
+        is_postscore: bool,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         layout, r = self.experts.layout, self.plan.r
         W, E, Cb = layout.world_size, layout.num_experts, routing.buffer_capacity
         buffer_ECM = dispatch(x_TM, routing, is_postscore=is_postscore)
@@ -125,7 +148,7 @@ class ExpertParallelStrategy:
         ret = pipelined_expert_exchange(
             buffer_ECM.view(W, L, -1, M),
             filled_EC.view(W, L, -1),
-            self.weights(),
+            self.weights(dtype or x_TM.dtype),
             self.groups,
             d=self.plan.d,
             algorithm=self.plan.all_to_all,

@@ -27,6 +27,7 @@ from flexmoe.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
 from flexmoe.models import create_model
 from flexmoe.reporting import EpochLog, write_report
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # --precision -> autocast dtype
 NO_DECAY_MARKERS = ("cpb", "logit_scale", "temperature", "norm", "bias", "position")
 # settings a resumed run must share with the checkpoint: they decide the data split, the batches and
 # the schedule, so a change would silently train on something else
@@ -64,6 +65,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     # on CPU, keep freed host memory for the next step (flexmoe.cpu_memory); False leaves malloc as it is
     retain_cpu_memory: bool = True
+    # "bf16": forward and loss under torch.autocast(bfloat16) on the device in use, fp32 master weights
+    # (the MoE layers keep their gate and routing in fp32); "fp32": no autocast
+    precision: str = "fp32"
     model_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,6 +91,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a number {what}, got {value!r}")
         if not isinstance(self.shift_augment, int) or self.shift_augment < 0:
             raise ValueError(f"shift_augment must be an integer >= 0, got {self.shift_augment!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+
+    def autocast(self, device: torch.device):
+        """The precision context of forward and loss (backward and optimizer run outside it)."""
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -173,8 +184,10 @@ def _train_epoch(model, optimizer, schedule, split, batches, config, augment, de
     for index in batches:
         x = random_shift(split.train.images[index], config.shift_augment, augment).to(device)
         y = split.train.labels[index].to(device)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing) + unwrap(model).aux_loss
+        with config.autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            loss = loss + unwrap(model).aux_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm(model, config.grad_clip)
@@ -351,6 +364,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     )
     p.add_argument("--out-dir", default=defaults.out_dir)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default=defaults.precision,
+        help="bf16: forward and loss under torch.autocast(bfloat16), fp32 master weights",
+    )
     p.add_argument(
         "--no-retain-cpu-memory",
         dest="retain_cpu_memory",

@@ -8,7 +8,15 @@ For each workload, in one run (same process, same threads):
 - expert ffn: the grouped expert FFN op alone (GEMMs, biases, activation) on the same kept rows, so
   that layer / expert ffn is what routing, dispatch and combine add on top of the experts;
 - gemm floor: only the expert GEMMs (6 per expert for fwd+bwd, 2 for fwd) on exactly the kept rows;
-- peak floor: the FLOPs of those GEMMs over the rate of a large square matmul.
+- peak floor: the FLOPs of those GEMMs over the rate of a large square matmul;
+- working memory (`*_wm_mb`): the peak bytes one forward+backward (from a given output gradient)
+  allocates above what was live before it (parameters, input), for flexmoe, the einsum layer and
+  fairscale (flexmoe.bench.memory); parameter gradients count.
+
+`--autocast bfloat16` runs every implementation on fp32 parameters under torch.autocast, and the
+floors in bf16. The fp32 and bf16 square matmul rates are printed beside every figure, since what
+bf16 gains depends on the machine (AMX / tensor cores) more than on the layer. `--memory` measures
+only working memory, on the configuration of issue 12 (T=16,384, M=H=1,024, E=16, top-2).
 
 Every step runs once per round, rounds repeat; times are medians and every ratio is the median of the
 per-round ratios, so that a slow spell of this shared machine cancels out of the comparisons.
@@ -17,7 +25,9 @@ per-round ratios, so that a slow spell of this shared machine cancels out of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import socket
 import statistics
 from dataclasses import asdict, dataclass
@@ -26,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer
+from flexmoe.amp import autocast_disabled
 from flexmoe.baselines import GShardMoELayer
 from flexmoe.bench.common import (
     add_cpu_allocator_argument,
@@ -37,6 +48,7 @@ from flexmoe.bench.common import (
     square_matmul_step,
     write_json,
 )
+from flexmoe.bench.memory import working_memory
 from flexmoe.dispatch import combine, dispatch
 from flexmoe.ops.expert_ffn import grouped_expert_ffn
 from flexmoe.routing import route
@@ -66,47 +78,61 @@ WORKLOADS = (
     ),
     LayerWorkload(model_dim=512, hidden_dim=1024, num_experts=64, top_k=2, tokens=8192, capacity_factor=1.0),
 )
+MEMORY_WORKLOAD = LayerWorkload(
+    model_dim=1024, hidden_dim=1024, num_experts=16, top_k=2, tokens=16384, capacity_factor=1.0
+)
 QUICK_WORKLOADS = (
     LayerWorkload(model_dim=32, hidden_dim=64, num_experts=4, top_k=2, tokens=128, capacity_factor=1.0),
     LayerWorkload(model_dim=32, hidden_dim=64, num_experts=8, top_k=1, tokens=128, capacity_factor=1.25),
 )
 
 
-def _fwd_bwd(module, x):
+def _autocast(device, dtype):
+    """The precision context of every forward: torch.autocast to `dtype`, or nothing when None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _fwd_bwd(module, x, amp=contextlib.nullcontext):
     def step():
         module.zero_grad(set_to_none=True)
         x.grad = None
-        y = module(x)
+        with amp():
+            y = module(x)
         y.float().pow(2).mean().backward()
 
     return step
 
 
-def _fwd(module, x):
+def _fwd(module, x, amp=contextlib.nullcontext):
     def step():
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             module(x)
 
     return step
 
 
-def _padded_step(layer: MoELayer, x, *, backward: bool):
-    """Same routing and experts, but every capacity slot is multiplied (the padded approach)."""
+def _padded_step(layer: MoELayer, x, *, backward: bool, dtype):
+    """Same routing and experts, but every capacity slot is multiplied (the padded approach); the
+    experts in `dtype` (the compute dtype), routing in fp32 as in MoELayer."""
     cfg = layer.config
 
     def forward():
         x_TM = x.reshape(-1, cfg.model_dim)
-        routing = route(layer.gate(x_TM), cfg.routing(training=layer.training), training=layer.training)
-        buffer_ECM = dispatch(x_TM, routing, is_postscore=cfg.is_postscore)
-        E, C, M = buffer_ECM.shape
-        out = grouped_expert_ffn(buffer_ECM.reshape(E * C, M), layer.experts.local_weights(), (C,) * E)
-        return combine(out.view(E, C, M), routing, is_postscore=cfg.is_postscore)
+        with autocast_disabled(x.device.type):
+            routing = route(layer.gate(x_TM), cfg.routing(training=layer.training), training=layer.training)
+            buffer_ECM = dispatch(x_TM.to(dtype), routing, is_postscore=cfg.is_postscore)
+            E, C, M = buffer_ECM.shape
+            weights = layer.experts.local_weights(dtype)
+            out = grouped_expert_ffn(buffer_ECM.reshape(E * C, M), weights, (C,) * E)
+            return combine(out.view(E, C, M), routing, is_postscore=cfg.is_postscore)
 
     def step():
         if backward:
             layer.zero_grad(set_to_none=True)
             x.grad = None
-            forward().pow(2).mean().backward()
+            forward().float().pow(2).mean().backward()
         else:
             with torch.no_grad():
                 forward()
@@ -117,8 +143,8 @@ def _padded_step(layer: MoELayer, x, *, backward: bool):
 def _gemm_floor_steps(layer: MoELayer, kept: list[int], dtype, device):
     """Only the expert GEMMs on exactly the kept rows, with the same matmul library."""
     M, H = layer.config.model_dim, layer.config.hidden_dim
-    w1 = layer.experts.fc1_weight.detach()
-    w2 = layer.experts.fc2_weight.detach()
+    w1 = layer.experts.fc1_weight.detach().to(dtype)
+    w2 = layer.experts.fc2_weight.detach().to(dtype)
     rows = [torch.randn(n, M, dtype=dtype, device=device) for n in kept]
     grads = [torch.randn(n, M, dtype=dtype, device=device) for n in kept]
     hidden = [torch.randn(n, w1.shape[2], dtype=dtype, device=device) for n in kept]
@@ -147,7 +173,7 @@ def _expert_ffn_step(layer: MoELayer, kept: list[int], dtype, device):
     def step():
         layer.zero_grad(set_to_none=True)
         rows.grad = None
-        grouped_expert_ffn(rows, layer.experts.local_weights(), tuple(kept)).backward(grad)
+        grouped_expert_ffn(rows, layer.experts.local_weights(dtype), tuple(kept)).backward(grad)
 
     return step
 
@@ -181,7 +207,7 @@ def _fairscale_layer(w: LayerWorkload, dtype):
     return MOELayer(Top2Gate(w.model_dim, w.num_experts), experts).to(dtype)
 
 
-def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, dtype, device) -> dict:
+def _build(w: LayerWorkload, dtype, device):
     torch.manual_seed(0)
     kwargs = dict(top_k=w.top_k, capacity_factor=w.capacity_factor, seed=0, dtype=dtype)
     layer = MoELayer(w.model_dim, w.hidden_dim, w.num_experts, **kwargs).to(device)
@@ -190,33 +216,95 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, dtype, device
     # the input needs its gradient, as anywhere but in a model's first layer: every implementation pays
     # the GEMM back to the tokens (the sixth in the floor)
     x = torch.randn(w.tokens, w.model_dim, dtype=dtype, device=device, requires_grad=True)
-    layer(x)
+    return layer, base, x
+
+
+def _matmul_rates(device) -> dict[str, object]:
+    """Square matmul steps in fp32 and bf16: the rates printed beside every figure."""
+    size = 2048 if torch.device(device).type == "cpu" else 8192
+    steps = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        steps[f"square_{name}_s"], flops = square_matmul_step(size=size, dtype=dt, device=device)
+    return steps, flops
+
+
+def _add_rates(result: dict, times: dict, flops: int) -> None:
+    for name in ("fp32", "bf16"):
+        result[f"{name}_gflops"] = flops / statistics.median(times[f"square_{name}_s"]) / 1e9
+
+
+def _upstream_step(module, x, probe, amp):
+    """Forward + backward from a preallocated output gradient: like the input, it is not working
+    memory, and no loss's temporaries blur the layer's own figure. `probe`: a small valid input."""
+    with torch.no_grad(), amp():
+        dtype = module(probe).dtype  # e.g. the autocast dtype for MoELayer, x's for the einsum layer
+    grad = torch.randn(x.shape, dtype=dtype, device=x.device)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with amp():
+            y = module(x)
+        y.backward(grad)
+
+    return step
+
+
+def _memory(result: dict, modules: dict, amp, device) -> None:
+    """Working memory (MB) of each implementation's forward+backward, and flexmoe's saving vs einsum."""
+    for impl, (module, x, probe) in modules.items():
+        result[f"{impl}_wm_mb"] = working_memory(_upstream_step(module, x, probe, amp), device) / 1e6
+    result["wm_saving_vs_einsum"] = 1 - result["flexmoe_wm_mb"] / result["einsum_wm_mb"]
+
+
+def _memory_modules(w: LayerWorkload, layer, base, x, dtype, device) -> dict:
+    """implementation -> (module, its input, a small valid input) for every implementation we run."""
+    modules = {"flexmoe": (layer, x, x[:1]), "einsum": (base, x, x[:1])}
+    fairscale = _fairscale_layer(w, dtype) if torch.device(device).type == "cpu" else None
+    if fairscale is not None:  # fairscale takes [E, tokens / E, M] and needs a multiple of E rows
+        xs = x.detach().view(w.num_experts, -1, w.model_dim).requires_grad_()
+        modules["fairscale"] = (fairscale, xs, xs[:, :1])
+    return modules
+
+
+def bench_workload(
+    w: LayerWorkload, *, repeats: int, warmup: int, dtype, device, autocast=None, memory: bool = True
+) -> dict:
+    layer, base, x = _build(w, dtype, device)
+    low = autocast or dtype  # the experts' compute dtype
+    amp = functools.partial(_autocast, device, autocast)
+    with amp():
+        layer(x)
     kept = layer.last_routing.kept_counts
     rows = sum(kept)
 
     square, square_flops = square_matmul_step(
-        size=2048 if torch.device(device).type == "cpu" else 8192, dtype=dtype, device=device
+        size=2048 if torch.device(device).type == "cpu" else 8192, dtype=low, device=device
     )
-    floor_fb, floor_f = _gemm_floor_steps(layer, kept, dtype, device)
+    rate_steps, rate_flops = _matmul_rates(device)
+    floor_fb, floor_f = _gemm_floor_steps(layer, kept, low, device)
     steps = {
         "square_matmul_s": square,
+        **rate_steps,
         "gemm_floor_fb_s": floor_fb,
         "gemm_floor_f_s": floor_f,
-        "expert_ffn_fb_s": _expert_ffn_step(layer, kept, dtype, device),
-        "flexmoe_fb_s": _fwd_bwd(layer, x),
-        "flexmoe_f_s": _fwd(layer, x),
-        "padded_fb_s": _padded_step(layer, x, backward=True),
-        "padded_f_s": _padded_step(layer, x, backward=False),
-        "einsum_fb_s": _fwd_bwd(base, x),
-        "einsum_f_s": _fwd(base, x),
+        "expert_ffn_fb_s": _expert_ffn_step(layer, kept, low, device),
+        "flexmoe_fb_s": _fwd_bwd(layer, x, amp),
+        "flexmoe_f_s": _fwd(layer, x, amp),
+        "padded_fb_s": _padded_step(layer, x, backward=True, dtype=low),
+        "padded_f_s": _padded_step(layer, x, backward=False, dtype=low),
+        "einsum_fb_s": _fwd_bwd(base, x, amp),
+        "einsum_f_s": _fwd(base, x, amp),
     }
-    fairscale = _fairscale_layer(w, dtype) if torch.device(device).type == "cpu" else None
-    if fairscale is not None:
-        xs = x.detach().view(w.num_experts, -1, w.model_dim).requires_grad_()
-        steps.update(fairscale_fb_s=_fwd_bwd(fairscale, xs), fairscale_f_s=_fwd(fairscale, xs))
+    modules = _memory_modules(w, layer, base, x, dtype, device)
+    if "fairscale" in modules:
+        _, xs, _ = modules["fairscale"]
+        steps.update(fairscale_fb_s=_fwd_bwd(modules["fairscale"][0], xs, amp))
+        steps.update(fairscale_f_s=_fwd(modules["fairscale"][0], xs, amp))
     times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
     result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
     result.update({name: statistics.median(ts) for name, ts in times.items()})
+    _add_rates(result, times, rate_flops)
     # peak floor: the kept rows' GEMM FLOPs at the square matmul's rate of the same rounds
     flops_fb = 12 * rows * w.model_dim * w.hidden_dim
     result["square_gflops"] = square_flops / result["square_matmul_s"] / 1e9
@@ -235,6 +323,21 @@ def bench_workload(w: LayerWorkload, *, repeats: int, warmup: int, dtype, device
     result["over_gemm_floor_f"] = paired_ratio(times["flexmoe_f_s"], times["gemm_floor_f_s"])
     result["over_expert_ffn_fb"] = paired_ratio(times["flexmoe_fb_s"], times["expert_ffn_fb_s"])
     result["expert_ffn_over_gemm_floor_fb"] = paired_ratio(times["expert_ffn_fb_s"], times["gemm_floor_fb_s"])
+    if memory:
+        _memory(result, modules, amp, device)
+    return result
+
+
+def memory_workload(w: LayerWorkload, *, dtype, device, autocast=None) -> dict:
+    """Working memory only (one forward+backward each), flexmoe against the einsum layer."""
+    layer, base, x = _build(w, dtype, device)
+    amp = functools.partial(_autocast, device, autocast)
+    rate_steps, rate_flops = _matmul_rates(device)
+    times = interleaved_times(rate_steps, warmup=1, repeats=3, device=device)
+    result = {"workload": w.name, **asdict(w)}
+    _memory(result, _memory_modules(w, layer, base, x, dtype, device), amp, device)
+    result["capacity"] = layer.last_plan.capacity
+    _add_rates(result, times, rate_flops)
     return result
 
 
@@ -256,6 +359,21 @@ COLUMNS = (
     "expert_ffn_over_gemm_floor_fb",
     "gemm_efficiency",
     "square_gflops",
+    "flexmoe_wm_mb",
+    "einsum_wm_mb",
+    "fairscale_wm_mb",
+    "wm_saving_vs_einsum",
+    "fp32_gflops",
+    "bf16_gflops",
+)
+MEMORY_COLUMNS = (
+    "workload",
+    "flexmoe_wm_mb",
+    "einsum_wm_mb",
+    "fairscale_wm_mb",
+    "wm_saving_vs_einsum",
+    "fp32_gflops",
+    "bf16_gflops",
 )
 
 
@@ -266,27 +384,64 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default="bench_results/layer.json")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--autocast",
+        choices=("none", "bfloat16", "float16"),
+        default="none",
+        help="run every implementation on --dtype parameters under torch.autocast to this dtype",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="only working memory, on T=16384 M=H=1024 E=16 top-2 (needs ~20 GB of host memory in fp32)",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the working-memory columns")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fairscale runs on cpu only)")
     parser.add_argument("--only", type=int, action="append", help="run only these workload numbers (0-based)")
     add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)
-    allocator = apply_cpu_allocator(args.cpu_allocator)
+    # --memory: the einsum layer alone needs ~16 GB there; retaining freed blocks would hold even more
+    # (the figures come from allocation events and do not depend on it)
+    allocator = apply_cpu_allocator("default" if args.memory else args.cpu_allocator)
     dtype = getattr(torch, args.dtype)
+    autocast = None if args.autocast == "none" else getattr(torch, args.autocast)
+    if autocast is not None and dtype != torch.float32:
+        raise ValueError(
+            f"--autocast needs --dtype float32 (fp32 master parameters), got --dtype {args.dtype}"
+        )
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    if args.memory:
+        workloads = QUICK_WORKLOADS[:1] if args.quick else (MEMORY_WORKLOAD,)
     if args.only:
         workloads = [workloads[i] for i in args.only]
     rows = []
     for w in workloads:
-        rows.append(
-            bench_workload(w, repeats=args.repeats, warmup=args.warmup, dtype=dtype, device=args.device)
-        )
+        if args.memory:
+            rows.append(memory_workload(w, dtype=dtype, device=args.device, autocast=autocast))
+        else:
+            rows.append(
+                bench_workload(
+                    w,
+                    repeats=args.repeats,
+                    warmup=args.warmup,
+                    dtype=dtype,
+                    device=args.device,
+                    autocast=autocast,
+                    memory=not args.no_memory,
+                )
+            )
         print(f"done: {w.name}", flush=True)
-    print(format_table(rows, COLUMNS))
-    print(f"dtype {args.dtype}; host allocator: {allocator}; ratios are medians of per-round ratios")
+    print(format_table(rows, MEMORY_COLUMNS if args.memory else COLUMNS))
+    print(
+        f"dtype {args.dtype}; autocast {args.autocast}; host allocator: {allocator}; ratios are medians "
+        "of per-round ratios; *_wm_mb: working memory of one forward+backward (peak allocated above "
+        "the parameters and input; flexmoe.bench.memory)"
+    )
     payload = {
         "environment": environment(
             benchmark="layer",
             dtype=args.dtype,
+            autocast=args.autocast,
             device=args.device,
             repeats=args.repeats,
             warmup=args.warmup,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from flexmoe.amp import amp_backward, amp_forward
+
 
 def activation_forward(kind: str, hpre_RX: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """activation(hpre), written into `out` when given (no temporary)."""
@@ -102,7 +104,11 @@ def _blocks(sizes: tuple[int, ...], width: int):
 
 
 def ffn_forward(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, ...]):
-    """Returns (out_RM, hpre_RX, act_RH); rows of group g are x_RM[start_g : start_g + sizes[g]]."""
+    """Returns (out_RM, hpre_RX); rows of group g are x_RM[start_g : start_g + sizes[g]].
+
+    The activation is a temporary: backward recomputes it from hpre (one element-wise pass, ~1% of
+    the GEMMs' time) instead of keeping a second [R, H] tensor alive until then.
+    """
     R, G = x_RM.shape[0], w.num_groups
     n = _uniform_size(sizes, R)
     if n is not None:  # one batched GEMM per layer of the FFN
@@ -118,19 +124,59 @@ def ffn_forward(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, ...]):
             if w.b2_GM is None
             else torch.baddbmm(w.b2_GM.unsqueeze(1), act, w.w2_GHM)
         )
-        return out.view(R, -1), hpre.view(R, -1), act.view(R, -1)
+        return out.view(R, -1), hpre.view(R, -1)
     # block by block, so that the activation reads the GEMM's output while it is still in cache
     hpre = x_RM.new_empty(R, w.w1_GMX.shape[2])
-    act = x_RM.new_empty(R, w.w2_GHM.shape[1])
     out = x_RM.new_empty(R, w.w2_GHM.shape[2])
     for block in _blocks(sizes, hpre.shape[1]):
-        for g, lo, hi in block.groups:
-            _linear_into(hpre[lo:hi], x_RM[lo:hi], w.w1_GMX[g], None if w.b1_GX is None else w.b1_GX[g])
         rows = slice(block.lo, block.hi)
-        activation_forward(w.activation, hpre[rows], out=act[rows])
-        for g, lo, hi in block.groups:
-            _linear_into(out[lo:hi], act[lo:hi], w.w2_GHM[g], None if w.b2_GM is None else w.b2_GM[g])
-    return out, hpre, act
+        _block_linear(hpre[rows], x_RM[rows], block, w.w1_GMX, w.b1_GX)
+        act = activation_forward(w.activation, hpre[rows])
+        _block_linear(out[rows], act, block, w.w2_GHM, w.b2_GM)
+    return out, hpre
+
+
+def _consecutive_equal(block: _Block) -> tuple[int, int, int] | None:
+    """(first group, groups, rows each) when the block's groups are consecutive and equally sized."""
+    gs = block.groups
+    n = gs[0][2] - gs[0][1]
+    if len(gs) > 1 and gs[-1][0] - gs[0][0] == len(gs) - 1 and all(hi - lo == n for _, lo, hi in gs):
+        return gs[0][0], len(gs), n
+    return None
+
+
+def _block_linear(out_BN: torch.Tensor, in_BK: torch.Tensor, block: _Block, w_GKN, b_GN) -> None:
+    """out rows of group g = in rows @ w_GKN[g] (+ b_GN[g]); rows relative to block.lo. Equal
+    consecutive groups take one batched GEMM."""
+    batched = _consecutive_equal(block)
+    if batched is not None:
+        g0, G, n = batched
+        o, i, wt = out_BN.view(G, n, -1), in_BK.view(G, n, -1), w_GKN[g0 : g0 + G]
+        if b_GN is None:
+            torch.bmm(i, wt, out=o)
+        else:
+            torch.baddbmm(b_GN[g0 : g0 + G].unsqueeze(1), i, wt, out=o)
+        return
+    for g, lo, hi in block.groups:
+        rows = slice(lo - block.lo, hi - block.lo)
+        _linear_into(out_BN[rows], in_BK[rows], w_GKN[g], None if b_GN is None else b_GN[g])
+
+
+def _block_weight_grads(grad_w_GKN, grad_b_GN, a_BK: torch.Tensor, g_BN: torch.Tensor, block: _Block) -> None:
+    """grad_w[g] = a_g^T @ g_g and grad_b[g] = sum of g_g's rows, for the block's groups."""
+    batched = _consecutive_equal(block)
+    if batched is not None:
+        g0, G, n = batched
+        a, gr = a_BK.view(G, n, -1), g_BN.view(G, n, -1)
+        torch.bmm(a.transpose(1, 2), gr, out=grad_w_GKN[g0 : g0 + G])
+        if grad_b_GN is not None:
+            torch.sum(gr, 1, out=grad_b_GN[g0 : g0 + G])
+        return
+    for g, lo, hi in block.groups:
+        rows = slice(lo - block.lo, hi - block.lo)
+        torch.mm(a_BK[rows].t(), g_BN[rows], out=grad_w_GKN[g])
+        if grad_b_GN is not None:
+            torch.sum(g_BN[rows], 0, out=grad_b_GN[g])
 
 
 def _linear_into(out_RN: torch.Tensor, x_RK: torch.Tensor, w_KN: torch.Tensor, b_N: torch.Tensor | None):
@@ -164,7 +210,6 @@ def ffn_backward(
     grad_out_RM: torch.Tensor,
     x_RM: torch.Tensor,
     hpre_RX: torch.Tensor,
-    act_RH: torch.Tensor,
     w: ExpertWeights,
     sizes: tuple[int, ...],
     *,
@@ -176,9 +221,10 @@ def ffn_backward(
     grads = FFNGrads(None, None, None, None, None)
     if n is not None:
         go_GnM = grad_out_RM.reshape(G, n, -1)
-        act_GnH, x_GnM = act_RH.view(G, n, -1), x_RM.view(G, n, -1)
+        hpre_GnX, x_GnM = hpre_RX.view(G, n, -1), x_RM.view(G, n, -1)
+        act_GnH = activation_forward(w.activation, hpre_GnX)  # recomputed: forward kept only hpre
         grad_act = torch.bmm(go_GnM, w.w2_GHM.transpose(1, 2))
-        grad_h = activation_backward(w.activation, grad_act, hpre_RX.view(G, n, -1), act_GnH)
+        grad_h = activation_backward(w.activation, grad_act, hpre_GnX, act_GnH)
         if need_weight_grads:
             grads.w2_GHM = torch.bmm(act_GnH.transpose(1, 2), go_GnM)
             grads.w1_GMX = torch.bmm(x_GnM.transpose(1, 2), grad_h)
@@ -196,21 +242,15 @@ def ffn_backward(
     # block by block: the hidden-size gradients of a block stay in cache between their uses
     for block in _blocks(sizes, hpre_RX.shape[1]):
         rows = slice(block.lo, block.hi)
-        grad_act = act_RH.new_empty(block.hi - block.lo, act_RH.shape[1])
-        for g, lo, hi in block.groups:
-            torch.mm(grad_out_RM[lo:hi], w.w2_GHM[g].t(), out=grad_act[lo - block.lo : hi - block.lo])
-        grad_h = activation_backward(w.activation, grad_act, hpre_RX[rows], act_RH[rows])
-        for g, lo, hi in block.groups:
-            go, gh = grad_out_RM[lo:hi], grad_h[lo - block.lo : hi - block.lo]
-            if need_weight_grads:
-                torch.mm(act_RH[lo:hi].t(), go, out=grads.w2_GHM[g])
-                torch.mm(x_RM[lo:hi].t(), gh, out=grads.w1_GMX[g])
-                if grads.b2_GM is not None:
-                    torch.sum(go, 0, out=grads.b2_GM[g])
-                if grads.b1_GX is not None:
-                    torch.sum(gh, 0, out=grads.b1_GX[g])
-            if need_input_grad:
-                torch.mm(gh, w.w1_GMX[g].t(), out=grads.x_RM[lo:hi])
+        act = activation_forward(w.activation, hpre_RX[rows])  # recomputed: forward kept only hpre
+        grad_act = act.new_empty(act.shape)
+        _block_linear(grad_act, grad_out_RM[rows], block, w.w2_GHM.transpose(1, 2), None)
+        grad_h = activation_backward(w.activation, grad_act, hpre_RX[rows], act)
+        if need_weight_grads:
+            _block_weight_grads(grads.w2_GHM, grads.b2_GM, act, grad_out_RM[rows], block)
+            _block_weight_grads(grads.w1_GMX, grads.b1_GX, x_RM[rows], grad_h, block)
+        if need_input_grad:
+            _block_linear(grads.x_RM[rows], grad_h, block, w.w1_GMX.transpose(1, 2), None)
     return grads
 
 
@@ -218,23 +258,24 @@ class GroupedExpertFFN(torch.autograd.Function):
     """Autograd wrapper: the whole grouped FFN is one node with the hand-written backward."""
 
     @staticmethod
+    @amp_forward(cast_inputs=True)  # out= GEMMs: run in the autocast dtype, autocast off
     def forward(ctx, x_RM, w1_GMX, b1_GX, w2_GHM, b2_GM, sizes: tuple[int, ...], activation: str):
         w = ExpertWeights(w1_GMX, b1_GX, w2_GHM, b2_GM, activation)
-        out, hpre, act = ffn_forward(x_RM, w, sizes)
-        ctx.save_for_backward(x_RM, hpre, act, w1_GMX, b1_GX, w2_GHM, b2_GM)
+        out, hpre = ffn_forward(x_RM, w, sizes)
+        ctx.save_for_backward(x_RM, hpre, w1_GMX, b1_GX, w2_GHM, b2_GM)
         ctx.sizes, ctx.activation = sizes, activation
         return out
 
     @staticmethod
+    @amp_backward
     def backward(ctx, grad_out_RM):
-        x_RM, hpre, act, w1, b1, w2, b2 = ctx.saved_tensors
+        x_RM, hpre, w1, b1, w2, b2 = ctx.saved_tensors
         w = ExpertWeights(w1, b1, w2, b2, ctx.activation)
         needs = ctx.needs_input_grad
         grads = ffn_backward(
             grad_out_RM.contiguous(),
             x_RM,
             hpre,
-            act,
             w,
             ctx.sizes,
             need_input_grad=needs[0],
@@ -249,4 +290,161 @@ def grouped_expert_ffn(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, .
         raise ValueError(f"sizes {sizes} must list {w.num_groups} groups summing to {x_RM.shape[0]} rows")
     return GroupedExpertFFN.apply(
         x_RM.contiguous(), w.w1_GMX, w.b1_GX, w.w2_GHM, w.b2_GM, sizes, w.activation
+    )
+
+
+# -- the whole local MoE step in one node --------------------------------------------------------------
+#
+# Legend: T tokens, N kept assignments (grouped by expert, `sizes` rows each), B rows of one block.
+#
+#     y_TM[t_n] += s_n * f_g(n)(x_TM[t_n])      (postscore)
+#     y_TM[t_n] +=       f_g(n)(s_n * x_TM[t_n]) (prescore)
+#
+# Gathering the token rows, the grouped FFN, the gate scaling and the combine run block by block, so
+# the only [N, *] tensor that lives from forward to backward is the pre-activation hpre_NX: the token
+# rows are gathered again from x_TM (which the caller holds anyway), the activation is recomputed,
+# and the gate weights' gradient is taken without the expert outputs:
+#     d s_n = <gy_n, out_n> = <gy_n @ w2^T, act_n> + <gy_n, b2>,   gy_n = grad_y[t_n]
+# since gy_n @ w2^T is the unscaled gradient of the activation, which backward computes anyway.
+
+
+def _rowdot(a_BK: torch.Tensor, b_BK: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vecdot(a_BK, b_BK, dim=1)
+
+
+def _gather_rows(x_TM: torch.Tensor, token_B: torch.Tensor, scale_B: torch.Tensor | None) -> torch.Tensor:
+    rows = x_TM.index_select(0, token_B)
+    return rows if scale_B is None else rows.mul_(scale_B.unsqueeze(1))
+
+
+def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscore: bool, keep_hpre: bool):
+    """(y_TM, hpre_NX); without a backward to come (keep_hpre False) hpre lives one block at a time."""
+    y_TM = x_TM.new_zeros(x_TM.shape[0], w.w2_GHM.shape[2])
+    X = w.w1_GMX.shape[2]
+    hpre_NX = x_TM.new_empty(token_N.shape[0], X) if keep_hpre else None
+    for block in _blocks(sizes, X):
+        rows = slice(block.lo, block.hi)
+        x_B = _gather_rows(x_TM, token_N[rows], None if is_postscore else scale_N[rows])
+        hpre_B = hpre_NX[rows] if keep_hpre else x_B.new_empty(block.hi - block.lo, X)
+        _block_linear(hpre_B, x_B, block, w.w1_GMX, w.b1_GX)
+        act_B = activation_forward(w.activation, hpre_B)
+        out_B = x_B.new_empty(act_B.shape[0], y_TM.shape[1])
+        _block_linear(out_B, act_B, block, w.w2_GHM, w.b2_GM)
+        if is_postscore:
+            out_B.mul_(scale_N[rows].unsqueeze(1))
+        y_TM.index_add_(0, token_N[rows], out_B)
+    return y_TM, hpre_NX
+
+
+class PackedMoE(torch.autograd.Function):
+    """Gather -> grouped FFN -> gate scaling -> combine as one node that keeps only hpre (see above)."""
+
+    @staticmethod
+    @amp_forward(cast_inputs=True)  # out= GEMMs: run in the autocast dtype, autocast off
+    def forward(
+        ctx,
+        x_TM,
+        token_N,
+        weight_N,
+        w1,
+        b1,
+        w2,
+        b2,
+        sizes,
+        activation: str,
+        is_postscore: bool,
+        keep_hpre: bool,
+    ):
+        w = ExpertWeights(w1, b1, w2, b2, activation)
+        y_TM, hpre_NX = _moe_forward(
+            x_TM,
+            token_N,
+            weight_N.to(x_TM.dtype),
+            w,
+            sizes,
+            is_postscore=is_postscore,
+            keep_hpre=keep_hpre,
+        )
+        ctx.save_for_backward(x_TM, token_N, weight_N, hpre_NX, w1, b1, w2, b2)
+        ctx.sizes, ctx.activation, ctx.is_postscore = sizes, activation, is_postscore
+        return y_TM
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad_y_TM):
+        x_TM, token_N, weight_N, hpre_NX, w1, b1, w2, b2 = ctx.saved_tensors
+        w = ExpertWeights(w1, b1, w2, b2, ctx.activation)
+        sizes, post = ctx.sizes, ctx.is_postscore
+        need_x, _, need_s = ctx.needs_input_grad[:3]
+        need_w = any(ctx.needs_input_grad[3:7])
+        grad_y_TM = grad_y_TM.contiguous().to(x_TM.dtype)
+        scale_N = weight_N.to(x_TM.dtype)
+        grad_x = torch.zeros_like(x_TM) if need_x else None
+        grad_s = weight_N.new_zeros(weight_N.shape) if need_s else None
+        gw1, gw2 = (_zeros_where_empty(w1, sizes), _zeros_where_empty(w2, sizes)) if need_w else (None, None)
+        gb1, gb2 = (_zeros_where_empty(b1, sizes), _zeros_where_empty(b2, sizes)) if need_w else (None, None)
+        for block in _blocks(sizes, hpre_NX.shape[1]):
+            rows = slice(block.lo, block.hi)
+            s_B1 = scale_N[rows].unsqueeze(1)
+            gy_B = grad_y_TM.index_select(0, token_N[rows])  # gradient of the block's (scaled) outputs
+            hpre_B = hpre_NX[rows]
+            act_B = activation_forward(w.activation, hpre_B)  # recomputed
+            grad_act = act_B.new_empty(act_B.shape)
+            _block_linear(grad_act, gy_B, block, w.w2_GHM.transpose(1, 2), None)  # gy @ w2^T
+            if post:
+                if need_s:  # <gy, out> without out: <gy @ w2^T, act> + <gy, b2>
+                    ds = _rowdot(grad_act, act_B)
+                    if b2 is not None:
+                        for g, lo, hi in block.groups:
+                            ds[lo - block.lo : hi - block.lo] += gy_B[lo - block.lo : hi - block.lo] @ b2[g]
+                    grad_s[rows] = ds
+                grad_act.mul_(s_B1)
+                gy_B.mul_(s_B1)  # now the gradient of the unscaled expert outputs
+            grad_h = activation_backward(w.activation, grad_act, hpre_B, act_B)
+            del grad_act
+            if need_w:
+                _block_weight_grads(gw2, gb2, act_B, gy_B, block)
+                x_B = _gather_rows(x_TM, token_N[rows], None if post else scale_N[rows])
+                _block_weight_grads(gw1, gb1, x_B, grad_h, block)
+                del x_B
+            if need_x or (need_s and not post):
+                gx_B = act_B.new_empty(block.hi - block.lo, x_TM.shape[1])
+                _block_linear(gx_B, grad_h, block, w.w1_GMX.transpose(1, 2), None)
+                if not post:  # the FFN's input was s * x: d s = <gx, x>, and x gets s * gx
+                    if need_s:
+                        grad_s[rows] = _rowdot(gx_B, x_TM.index_select(0, token_N[rows]))
+                    gx_B.mul_(s_B1)
+                if need_x:
+                    grad_x.index_add_(0, token_N[rows], gx_B)
+        return grad_x, None, grad_s, gw1, gb1, gw2, gb2, None, None, None, None
+
+
+def packed_moe(
+    x_TM: torch.Tensor,
+    token_N: torch.Tensor,
+    weight_N: torch.Tensor,
+    w: ExpertWeights,
+    sizes: tuple[int, ...],
+    *,
+    is_postscore: bool = True,
+) -> torch.Tensor:
+    """Differentiable y_TM = the sum over kept assignments n of the gate-weighted expert outputs of
+    token token_N[n]; assignments grouped by expert, sizes[g] of them for expert g (see above)."""
+    if sum(sizes) != token_N.shape[0] or len(sizes) != w.num_groups:
+        raise ValueError(f"sizes {sizes} must list {w.num_groups} groups summing to {token_N.shape[0]} rows")
+    tensors = (x_TM, weight_N, w.w1_GMX, w.b1_GX, w.w2_GHM, w.b2_GM)
+    # without a backward to come (inference) no [N, X] tensor outlives its block
+    keep_hpre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return PackedMoE.apply(
+        x_TM.contiguous(),
+        token_N,
+        weight_N,
+        w.w1_GMX,
+        w.b1_GX,
+        w.w2_GHM,
+        w.b2_GM,
+        sizes,
+        w.activation,
+        is_postscore,
+        keep_hpre,
     )

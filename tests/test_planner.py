@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from flexmoe.cost_model import PRESETS, CostModel, LayerShape, candidate_plans
 from flexmoe.planner import main as plan_main
 from flexmoe.plans import Plan
-from flexmoe.tuner import PlanTuner, TunerConfig
 
 A100 = CostModel(PRESETS["a100"])
 
@@ -52,39 +49,3 @@ def test_planner_prints_every_world_size(capsys):
     assert "best" in out and "speedup" in out
     w2048 = payload["summary"][-1]
     assert w2048["s"] == 32 and w2048["speedup"] >= 1.0
-
-
-def _tuner(costs: dict[Plan, float]):
-    config = TunerConfig(max_candidates=3, trials_per_candidate=2)
-    return PlanTuner(list(costs), lambda capacity: sorted(costs.items(), key=lambda kv: kv[1]), config=config)
-
-
-def test_tuner_explores_the_best_predicted_candidates_then_keeps_the_fastest_measured():
-    a, b, c, d = Plan(r=0), Plan(d=1), Plan(d=2), Plan(d=4)
-    tuner = _tuner({a: 4.0, b: 1.0, c: 2.0, d: 3.0})  # predicted order: b, c, d (a is cut)
-    measured = {b: 0.5, c: 0.2, d: 0.9}
-    seen = []
-    for _ in range(6):
-        plan, source = tuner.choose(200)
-        assert source == "tuner-explore"
-        seen.append(plan)
-        tuner.record(200, plan, measured[plan])
-    assert seen == [b, b, c, c, d, d]
-    assert tuner.choose(200) == (c, "tuner")
-    assert tuner.choose(255) == (c, "tuner")  # same bucket (capacity // 128 == 1)
-    assert tuner.decisions[0]["plan"] == c.describe() and tuner.decisions[0]["explore_steps"] == 6
-    plan, source = tuner.choose(600)  # a new bucket is explored afresh
-    assert source == "tuner-explore" and plan == b
-    rows = tuner.table()
-    assert sum(r["chosen"] for r in rows) == 1 and len(rows) == 6
-
-
-def test_tuner_with_a_single_candidate_never_explores():
-    tuner = _tuner({Plan(): 1.0})
-    assert tuner.choose(5) == (Plan(), "tuner")
-
-
-@pytest.mark.parametrize("field", ["bucket_size", "max_candidates", "trials_per_candidate"])
-def test_tuner_config_validation(field):
-    with pytest.raises(ValueError, match=field):
-        TunerConfig(**{field: 0})

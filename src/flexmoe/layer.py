@@ -22,6 +22,7 @@ from flexmoe.layout import ExpertLayout
 from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
 from flexmoe.routing import RoutingPlan, route
 from flexmoe.strategies import build_strategy
+from flexmoe.trial_timer import time_step
 from flexmoe.tuner import PlanTuner, TunerConfig
 
 
@@ -125,6 +126,7 @@ class MoELayer(nn.Module):
         self.aux_loss = torch.zeros((), device=device)
         self.last_plan: PlanRecord | None = None
         self.last_routing: RoutingPlan | None = None
+        self._trial_timer = None  # times a tuner trial through this step's backward
 
     # -- plans -------------------------------------------------------------------------------------
     def _check_fixed_settings(self) -> None:
@@ -244,27 +246,15 @@ class MoELayer(nn.Module):
                 f"x must have last dimension model_dim={self.config.model_dim}, got shape {tuple(x.shape)}"
             )
 
-    def _time_trial(self, capacity: int, plan: Plan, started: float, x_TM: torch.Tensor, y_TM: torch.Tensor):
-        """A tuner trial's time: this layer's forward, plus its backward when one will run."""
-        forward_s = time.perf_counter() - started
-        if not (self.training and y_TM.requires_grad and x_TM.requires_grad):
-            self.tuner.record(capacity, plan, forward_s, training=self.training)
-            return
-        backward_start = []
-        y_TM.register_hook(lambda g: backward_start.append(time.perf_counter()))
-        x_TM.register_hook(
-            lambda g: (
-                self.tuner.record(capacity, plan, forward_s + time.perf_counter() - backward_start[0])
-                if backward_start
-                else None
-            )
-        )
-
     def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
         self._validate(x)
         plan, source = self._plan_before_routing(plan)
         x_TM = x.reshape(-1, self.config.model_dim)
-        started = time.perf_counter()
+        if self._trial_timer is not None:  # the previous timed step never finished its backward
+            self._trial_timer.cancel()
+            self._trial_timer = None
+        clock = self.tuner.clock if self.tuner is not None else time.perf_counter
+        started, trial = clock(), None
         logits_TE = self.gate(x_TM)
         routing = route(
             logits_TE,
@@ -274,13 +264,16 @@ class MoELayer(nn.Module):
         )
         if plan is None:
             plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
+            trial = self.tuner.last_trial
         plan, strategy = self._strategy(plan)
         routing = routing.padded_to(strategy.capacity_multiple)
         y_TM = strategy(
             x_TM.to(self.experts.fc1_weight.dtype), routing, is_postscore=self.config.is_postscore
         )
-        if source == "tuner-explore":
-            self._time_trial(routing.capacity, plan, started, x_TM, y_TM)
+        if trial is not None:
+            self._trial_timer = time_step(
+                self.tuner, trial, forward_s=clock() - started, x=x_TM, y=y_TM, params=self.parameters()
+            )
         self.aux_loss = routing.aux_loss
         self.last_routing = routing
         self.last_plan = PlanRecord(

@@ -15,6 +15,7 @@ from torch import nn
 
 from flexmoe.comm import ExpertGroups, agree_max, check_agreement
 from flexmoe.config import ALL_TO_ALL_ALGORITHMS, MoEConfig
+from flexmoe.cost_fit import PlanRanker
 from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
 from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
@@ -151,6 +152,7 @@ class MoELayer(nn.Module):
             world_size=L.world_size,
             top_k=c.top_k,
             swiglu=c.activation == "swiglu",
+            bytes_per_element=self.experts.fc1_weight.element_size(),
         )
         plans = (
             [STATIC_DEFAULT]
@@ -169,12 +171,8 @@ class MoELayer(nn.Module):
             and (p.r == 0 or c.all_to_all in ("auto", p.all_to_all))
         ] or [self._fixed_plan()]
         model = CostModel(cluster or default_cluster(device))
-
-        def rank_plans(capacity: int):
-            layer_shape = LayerShape(capacity=capacity, tokens=capacity * c.num_experts // c.top_k, **shape)
-            return model.rank(layer_shape, plans)
-
-        return PlanTuner(plans, rank_plans, config=config, group=self.group)
+        ranker = PlanRanker(model, plans, shape=shape, capacity_factor=c.capacity_factor)
+        return PlanTuner(plans, ranker, config=config, group=self.group)
 
     def _fixed_plan(self) -> Plan:
         c = self.config

@@ -20,6 +20,7 @@ from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_pla
 from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
 from flexmoe.layout import ExpertLayout
+from flexmoe.plan_file import apply_plan_table
 from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
 from flexmoe.routing import RoutingPlan, route
 from flexmoe.strategies import build_strategy
@@ -72,6 +73,7 @@ class MoELayer(nn.Module):
         local_world_size: int | None = None,
         tuner: TunerConfig | bool = True,
         cluster: ClusterSpec | None = None,
+        plan_table=None,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device=None,
@@ -124,6 +126,10 @@ class MoELayer(nn.Module):
         if tuner is True:
             tuner = TunerConfig()
         self.tuner = self._build_tuner(tuner, cluster, device) if tuner else None
+        if plan_table is not None:  # a plan file (path or dict) or a tuner state_dict: skip known buckets
+            if self.tuner is None:
+                raise ValueError("plan_table needs the run-time tuner, but tuner=False was given")
+            apply_plan_table(self, plan_table, strict=True)
         self.aux_loss = torch.zeros((), device=device)
         self.last_plan: PlanRecord | None = None
         self.last_routing: RoutingPlan | None = None

@@ -138,6 +138,11 @@ class PlanTuner:
         self.spent = 0  # exploration steps of finished explorations on plans that were not chosen
         self.load_note: str | None = None
 
+    @property
+    def exploring(self) -> bool:
+        """Whether some bucket is being explored (the same answer on every rank)."""
+        return any(s.exploration is not None for s in self.buckets.values())
+
     # -- the walk ----------------------------------------------------------------------------------
     def bucket(self, capacity: int, training: bool) -> tuple[str, int]:
         return ("train" if training else "eval", capacity // self.config.bucket_size)

@@ -7,7 +7,8 @@ A checkpoint is a directory:
                               biases, the shard shapes, and which file holds each layout rank's shard
     <path>/replicated.pt      the replicated (non-expert) entries of the model's state_dict, their
                               optimizer state keyed by parameter NAME, the optimizer's param groups
-                              (hyper-parameters, parameter names), the scheduler state
+                              (hyper-parameters, parameter names), the scheduler state, and the
+                              run-time tuners' decided buckets by module name (agreed, so replicated)
     <path>/experts-00003.pt   what rank 3 of the checkpoint group holds: per Experts module its
                               shards (fc1_weight [E_local, M, X], ...) and their optimizer state
 

@@ -1,0 +1,113 @@
+"""The tuner on 2 gloo ranks: identical decisions when the ranks' own timings disagree, and a resumed
+run (checkpoint or plan file) that explores nothing it already knows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flexmoe import MoELayer
+from flexmoe.checkpoint import load_checkpoint, save_checkpoint
+from flexmoe.plan_file import export_plan_table
+from flexmoe.plans import Plan
+from flexmoe.testing.distributed import DistributedPool
+from flexmoe.tuner import EXPLORE, PlanTuner, TunerConfig
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with DistributedPool(2, collective_timeout_s=30.0, timeout_s=240.0) as p:
+        yield p
+
+
+class _Order:
+    def __init__(self, plans):
+        self.plans = plans
+
+    def __call__(self, capacity):
+        return [(p, float(i)) for i, p in enumerate(self.plans)]
+
+
+def disagreeing_worker() -> dict:
+    """Rank 0 finds A fastest, rank 1 finds B fastest (A is slow there); the MAX over ranks says B."""
+    rank = dist.get_rank()
+    a, b, c = Plan(r=0), Plan(d=1), Plan(d=2)
+    local = {0: {a: 1.0, b: 2.0, c: 4.0}, 1: {a: 6.0, b: 2.5, c: 4.0}}[rank]
+    tuner = PlanTuner([a, b, c], _Order([a, b, c]), config=TunerConfig(check_every=3, drift_window=2))
+    sources, plans = [], []
+    for step in range(40):
+        plan, source = tuner.choose(300)
+        if tuner.last_trial is not None:
+            jitter = 0.01 * ((step * (rank + 3)) % 5)  # different noise on every rank
+            tuner.record(tuner.last_trial, local[plan] + jitter)
+        sources.append(source)
+        plans.append(plan.describe())
+    return {"sources": sources, "plans": plans, "decisions": tuner.decisions, "table": tuner.table()}
+
+
+@pytest.mark.timeout(120)
+def test_ranks_with_disagreeing_timings_make_identical_decisions(pool):
+    first, second = pool.run(disagreeing_worker)
+    assert first["plans"] == second["plans"] and first["sources"] == second["sources"]
+    local = "explore_seconds"  # this rank's own time spent exploring: the one field that may differ
+    assert [{k: v for k, v in d.items() if k != local} for d in first["decisions"]] == [
+        {k: v for k, v in d.items() if k != local} for d in second["decisions"]
+    ]
+    assert first["table"] == second["table"]
+    assert first["decisions"][0]["plan"] == Plan(d=1).describe()  # B: the slowest rank decides
+
+
+FAST = TunerConfig(min_trials=1, max_trials=2)
+
+
+def _layer(**kw) -> MoELayer:
+    return MoELayer(16, 32, 4, top_k=2, seed=3, tuner=FAST, **kw)
+
+
+def _run(layer: MoELayer, steps: int, stop_when_settled: bool = False) -> list[str]:
+    rank = dist.get_rank()
+    sources = []
+    for step in range(steps):
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step * 10 + rank))
+        layer(x).square().mean().backward()
+        sources.append(layer.last_plan.source)
+        if stop_when_settled and not layer.tuner.exploring:
+            break
+    return sources
+
+
+def resume_worker(tmp: str) -> dict:
+    tuned = _layer()
+    first = _run(tuned, 40, stop_when_settled=True)
+    save_checkpoint(tmp, tuned)
+    table = export_plan_table(tuned)
+
+    resumed = _layer()
+    load_checkpoint(tmp, resumed)
+    from_checkpoint = _run(resumed, 12)
+
+    from_file = _run(_layer(plan_table=table), 12)
+
+    elsewhere = table["layers"][""]["tuner"] | {"world_size": 4, "ranks": [0, 1, 2, 3]}
+    other = _layer(plan_table=elsewhere)
+    return {
+        "first": first,
+        "chosen": tuned.last_plan.plan.describe(),
+        "from_checkpoint": from_checkpoint,
+        "checkpoint_plans": resumed.last_plan.plan.describe(),
+        "from_file": from_file,
+        "other_world": _run(other, 3),
+        "other_note": other.tuner.load_note,
+    }
+
+
+@pytest.mark.timeout(240)
+def test_a_resumed_run_does_not_explore_known_buckets(pool, tmp_path):
+    results = pool.run(resume_worker, str(tmp_path / "ckpt"))
+    for res in results:
+        assert EXPLORE in res["first"]
+        assert EXPLORE not in res["from_checkpoint"] and EXPLORE not in res["from_file"]
+        assert res["checkpoint_plans"] == res["chosen"]
+        assert res["other_world"][0] == EXPLORE and "world_size" in res["other_note"]
+    assert results[0]["chosen"] == results[1]["chosen"]

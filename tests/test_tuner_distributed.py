@@ -111,3 +111,43 @@ def test_a_resumed_run_does_not_explore_known_buckets(pool, tmp_path):
         assert res["checkpoint_plans"] == res["chosen"]
         assert res["other_world"][0] == EXPLORE and "world_size" in res["other_note"]
     assert results[0]["chosen"] == results[1]["chosen"]
+
+
+def in_model_worker() -> dict:
+    from flexmoe.bench.in_model import compare, exploration_report, summarize_stationary, summarize_totals
+    from flexmoe.cost_model import PRESETS
+
+    result = compare(
+        M=8,
+        H=16,
+        E=4,
+        top_k=1,
+        capacity_factor=-2.0,
+        tokens=32,
+        layers=2,
+        rounds=6,
+        plans=[Plan(r=0), Plan(d=1), Plan(d=2)],
+        cluster=PRESETS["cpu-gloo"],
+        local_world_size=None,
+        degrees=(1, 2),
+        skew_schedule=lambda i: 0.5 if i >= 3 else 0.0,
+    )
+    layer_times = {"r=0 d=1 flat": 1.0, "r=1 d=1 flat": 2.0, "r=1 d=2 flat": 3.0}
+    return {
+        "stationary": summarize_stationary(result, layer_times, rounds=6),
+        "totals": summarize_totals(result),
+        "exploration": exploration_report(result),
+        "capacities": result["capacities"],
+        "times": result["times"],
+    }
+
+
+@pytest.mark.timeout(240)
+def test_in_model_benchmark_runs_and_agrees_across_ranks(pool):
+    first, second = pool.run(in_model_worker)
+    assert first["times"] == second["times"]  # MAX over ranks: one table
+    assert set(first["times"]) == {"adaptive", "r=0 d=1 flat", "r=1 d=1 flat", "r=1 d=2 flat"}
+    assert all(len(t) == 6 for t in first["times"].values())
+    assert first["stationary"]["best_static"] in first["times"]
+    assert first["exploration"]["steps"] == 6
+    assert first["totals"]["adaptive_vs_best"] > 0

@@ -31,7 +31,7 @@ class Ranking:
 
 def make(predicted=None, **config) -> PlanTuner:
     predicted = predicted or {A: 1.0, B: 2.0, C: 3.0}
-    config = {"max_candidates": 4, "check_every": 5, **config}
+    config = {"max_candidates": 4, "check_every": 5, "min_trials": 2, **config}
     return PlanTuner(list(predicted), Ranking(predicted), config=TunerConfig(**config))
 
 
@@ -99,7 +99,7 @@ def test_evaluate_rule():
     v = evaluate([close, best, far], tolerance=0.0)
     assert v.best == 1 and v.keep == [0, 1] and not v.done
     assert evaluate([best, far], tolerance=0.0).reason == "separated"
-    assert summarize([1.0, 5.0, 1.5]) == Summary(1.5, 0.5, 3)
+    assert summarize([1.0, 5.0, 1.5]) == Summary(1.5, 1.4826 * 0.5, 3)
 
 
 def test_budget_caps_exploration_over_a_1000_step_run():

@@ -16,9 +16,14 @@ import torch
 import torch.distributed as dist
 
 
+# the median absolute deviation times this estimates a normal distribution's standard deviation
+MAD_TO_SIGMA = 1.4826
+
+
 @dataclass(frozen=True)
 class Summary:
-    """median and spread (median absolute deviation) of one candidate's warm trials; n of them."""
+    """median and spread (scaled median absolute deviation, a robust standard deviation) of one
+    candidate's warm trials; n of them."""
 
     median: float
     spread: float
@@ -38,7 +43,7 @@ def summarize(samples: list[float]) -> Summary:
     if not samples:
         return UNKNOWN
     med = statistics.median(samples)
-    return Summary(med, statistics.median(abs(s - med) for s in samples), len(samples))
+    return Summary(med, MAD_TO_SIGMA * statistics.median(abs(s - med) for s in samples), len(samples))
 
 
 def agree(summaries: list[Summary], group, device=None) -> list[Summary]:

@@ -42,7 +42,7 @@ EXPLORE, EXPLOIT, CHECK = "tuner-explore", "tuner", "tuner-check"
 class TunerConfig:
     bucket_size: int = 128
     max_candidates: int = 4
-    min_trials: int = 2  # warm trials per candidate before the first verdict
+    min_trials: int = 3  # warm trials per candidate before the first verdict (2 give no usable spread)
     max_trials: int = 6  # warm trials per candidate at most; then the best median wins
     tolerance: float = 0.03  # plans this close to the best (measured that precisely) count as equal
     explore_budget: float = 0.05  # share of steps that may run non-chosen plans...

@@ -50,7 +50,10 @@ def exploration_summary(layers: list) -> dict:
         "explore_fraction": nonchosen / steps if steps else 0.0,
         "reexplorations": sum(s["reexplorations"] for s in summaries),
         "decisions": sum(
-            1 for layer in layers if getattr(layer, "tuner", None) for d in layer.tuner.decisions
+            d["event"] in ("decision", "predicted")
+            for layer in layers
+            if getattr(layer, "tuner", None)
+            for d in layer.tuner.decisions
         ),
     }
 

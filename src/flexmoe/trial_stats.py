@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
 # the median absolute deviation times this estimates a normal distribution's standard deviation
 MAD_TO_SIGMA = 1.4826
 

@@ -220,3 +220,15 @@ def test_trial_timer_records_the_forward_when_no_backward_runs():
         x = torch.ones(2)
         assert time_step(tuner, "t", forward_s=2.0, x=x, y=x * 2, params=[]) is None
     assert recorded == [2.0]
+
+
+def test_reexploration_keeps_the_incumbent_among_the_candidates():
+    tuner = make({A: 1.0, B: 2.0, C: 3.0}, max_candidates=2, check_every=2, drift_window=1)
+    times = {A: 1.0, B: 2.0, C: 3.0}
+    drive(tuner, fixed(times), 8)  # A chosen
+    assert tuner.decisions[-1]["plan"] == A.describe()
+    tuner.rank_plans.predicted = {A: 9.0, B: 2.0, C: 1.0}  # the refit now prefers C, B
+    times[A] = 5.0  # and A drifts
+    drive(tuner, fixed(times), 6)
+    assert [d["event"] for d in tuner.decisions] == ["decision", "drift"]
+    assert set(tuner.buckets[("train", 1)].candidates) == {C, A}

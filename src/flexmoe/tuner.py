@@ -101,6 +101,7 @@ class Exploration:
 
 @dataclass
 class BucketState:
+    capacity: int = 0  # the capacity it was last explored at (the cost model's refit samples)
     candidates: list[Plan] = field(default_factory=list)
     predicted: dict[Plan, float] = field(default_factory=dict)
     generation: int = 0
@@ -186,7 +187,12 @@ class PlanTuner:
         return self.spent + ongoing + extra_steps <= self.allowance()
 
     def _start(self, key, state: BucketState, capacity: int, *, reason: str) -> None:
-        ranked = list(self.rank_plans(capacity))[: self.config.max_candidates]
+        everything = list(self.rank_plans(capacity))
+        ranked = everything[: self.config.max_candidates]
+        incumbent = [pt for pt in everything[len(ranked) :] if pt[0] == state.best]
+        if incumbent:  # re-exploring: the plan that drifted stays among the candidates
+            ranked = ranked[:-1] + incumbent
+        state.capacity = capacity
         state.candidates = [p for p, _ in ranked]
         state.predicted = dict(ranked)
         # the cheapest exploration: every candidate cold + min_trials warm, all but one not chosen
@@ -242,7 +248,7 @@ class PlanTuner:
         if observe is not None:
             for plan, s in ex.agreed.items():
                 if s.known:
-                    observe(key[1] * self.config.bucket_size, plan, s.median)
+                    observe(state.capacity, plan, s.median)
         self._log(key, state, event="decision", reason=f"{ex.reason}: {reason}", exploration=ex)
 
     def _exploit_step(self, key, state: BucketState, capacity: int, device) -> tuple[Plan, str]:
@@ -364,6 +370,7 @@ class PlanTuner:
                 {
                     "phase": phase,
                     "bucket": bucket,
+                    "capacity": state.capacity,
                     "plan": plan_to_dict(state.best),
                     "measured": [
                         {**plan_to_dict(p), "median_s": s.median, "spread_s": s.spread, "trials": s.n}
@@ -412,7 +419,10 @@ class PlanTuner:
             for m in entry.get("measured", []):
                 p = plan_from_dict(m)
                 agreed[p] = Summary(float(m["median_s"]), float(m["spread_s"]), int(m["trials"]))
+            size = self.config.bucket_size
+            capacity = int(entry.get("capacity") or key[1] * size + size // 2)
             self.buckets[key] = BucketState(
+                capacity=capacity,
                 candidates=[p for p in agreed if p in known] or [plan],
                 best=plan,
                 source="loaded",
@@ -422,7 +432,7 @@ class PlanTuner:
             observe = getattr(self.rank_plans, "observe", None)
             if observe is not None:
                 for p, s in agreed.items():
-                    observe(key[1] * self.config.bucket_size, p, s.median)
+                    observe(capacity, p, s.median)
             taken += 1
         counters = state.get("counters") or {}
         self.steps = max(self.steps, int(counters.get("steps", 0)))

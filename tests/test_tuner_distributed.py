@@ -151,3 +151,29 @@ def test_in_model_benchmark_runs_and_agrees_across_ranks(pool):
     assert first["stationary"]["best_static"] in first["times"]
     assert first["exploration"]["steps"] == 6
     assert first["totals"]["adaptive_vs_best"] > 0
+
+
+def tune_worker(out: str) -> dict:
+    from flexmoe.tune import parse_args, tune
+
+    args = parse_args(["--model-dim", "16", "--hidden-dim", "32", "--tokens", "64", "--out", out])
+    return tune(args, dist.get_rank(), torch.device("cpu"))
+
+
+@pytest.mark.timeout(240)
+def test_flexmoe_tune_writes_a_plan_file_a_layer_starts_from(pool, tmp_path):
+    out = tmp_path / "plans.json"
+    first, second = pool.run(tune_worker, str(out))
+    assert first["settled"] and first["steps"] == second["steps"]
+    results = pool.run(plan_file_worker, str(out))
+    assert all(EXPLORE not in r for r in results)
+
+
+def plan_file_worker(path: str) -> list[str]:
+    layer = MoELayer(16, 32, 4, top_k=2, seed=0, plan_table=path)
+    sources = []
+    for step in range(6):
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(step))
+        layer(x).square().mean().backward()
+        sources.append(layer.last_plan.source)
+    return sources

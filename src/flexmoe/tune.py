@@ -92,7 +92,7 @@ def tune(args, rank: int, device) -> dict:
     return {"steps": steps, "rows": rows, "settled": not any(t.exploring for t in tuners)}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flexmoe tune", description=__doc__)
     p.add_argument(
         "--model", default=None, help="a registered model (e.g. swinv2_moe_tiny); default: one layer"
@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.max_steps < 1:
         raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     if not (dist.is_initialized() or dist.is_torchelastic_launched()):
         raise SystemExit("run under torchrun: torchrun --standalone --nproc-per-node 2 -m flexmoe.cli tune")
     apply_cpu_allocator(args.cpu_allocator)

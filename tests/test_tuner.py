@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flexmoe.plans import Plan
-from flexmoe.trial_stats import Summary, evaluate, summarize
+from flexmoe.trial_stats import Summary, evaluate, round_relative, summarize
 from flexmoe.trial_timer import time_step
 from flexmoe.tuner import CHECK, EXPLOIT, EXPLORE, PlanTuner, TunerConfig
 
@@ -90,8 +90,19 @@ def test_clearly_slower_candidates_are_dropped_while_close_ones_keep_running():
 
 def test_equivalent_candidates_end_the_exploration():
     tuner = make({A: 1.0, B: 2.0}, tolerance=0.05)
-    drive(tuner, lambda p, n: {A: 1.0, B: 1.01}[p] * (1 + 0.02 * (n % 2)), 10)  # gap < noise < tolerance
+    # gap < noise < tolerance, and the noise is each candidate's own (it does not cancel within a round)
+    drive(tuner, lambda p, n: {A: 1.0, B: 1.01}[p] * (1 + 0.02 * ((n + (p == B)) % 2)), 10)
     assert tuner.decisions[0]["reason"].endswith("equivalent") and tuner.decisions[0]["plan"] == A.describe()
+
+
+def test_slow_spells_that_cover_a_round_cancel():
+    # B is 5% faster; the machine is 1.6x slower in some rounds, which hits both of that round
+    slow = [1.0, 1.6, 1.0, 1.7, 1.0]
+    tuner = make({A: 1.0, B: 2.0}, min_trials=3)
+    drive(tuner, lambda p, n: {A: 1.0, B: 0.95}[p] * slow[min(n, 4)], 12)
+    decision = tuner.decisions[0]
+    assert decision["plan"] == B.describe() and decision["reason"].endswith("separated")
+    assert decision["explore_steps"] == 8  # decided at the first verdict: cold round + 3 warm ones
 
 
 def test_evaluate_rule():
@@ -100,6 +111,8 @@ def test_evaluate_rule():
     assert v.best == 1 and v.keep == [0, 1] and not v.done
     assert evaluate([best, far], tolerance=0.0).reason == "separated"
     assert summarize([1.0, 5.0, 1.5]) == Summary(1.5, 1.4826 * 0.5, 3)
+    relative = round_relative({A: {1: 2.0, 2: 4.0, 3: 9.0}, B: {1: 1.0, 2: 2.0}}, [A, B])
+    assert relative == {A: [4 / 3, 4 / 3], B: [2 / 3, 2 / 3]}  # round 3 has one candidate: left out
 
 
 def test_budget_caps_exploration_over_a_1000_step_run():

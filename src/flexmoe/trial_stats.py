@@ -45,6 +45,23 @@ def summarize(samples: list[float]) -> Summary:
     return Summary(med, MAD_TO_SIGMA * statistics.median(abs(s - med) for s in samples), len(samples))
 
 
+def round_relative(samples: dict, plans: list) -> dict:
+    """Each warm trial divided by the median time of its round (the candidates that ran in it):
+    round-robin makes the candidates of one round neighbours in time, so a slow spell of the machine
+    that covers a round scales all of them and cancels here, which it does not in raw medians.
+    samples: {plan: {round: seconds}}; rounds with fewer than two candidates timed are left out."""
+    rounds = sorted({r for p in plans for r in samples.get(p, {})})
+    relative = {p: [] for p in plans}
+    for r in rounds:
+        present = {p: samples[p][r] for p in plans if r in samples.get(p, {})}
+        if len(present) < 2:
+            continue
+        middle = statistics.median(present.values())
+        for p, t in present.items():
+            relative[p].append(t / middle)
+    return relative
+
+
 def agree(summaries: list[Summary], group, device=None) -> list[Summary]:
     """Element-wise MAX over the group of (median, spread) and MIN of n: a step is as slow as its
     slowest rank, and a candidate is as well measured as its least measured rank. Every rank gets the

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from flexmoe.plans import Plan
-from flexmoe.trial_stats import UNKNOWN, Summary, agree, agree_value, evaluate, summarize
+from flexmoe.trial_stats import (
+    UNKNOWN,
+    Summary,
+    agree,
+    agree_value,
+    evaluate,
+    round_relative,
+    summarize,
+)
 
 EXPLORE, EXPLOIT, CHECK = "tuner-explore", "tuner", "tuner-check"
 
@@ -88,7 +96,7 @@ class Exploration:
     alive: list[Plan]  # candidates still trialled, in the cost model's order
     reason: str
     started_step: int
-    samples: dict[Plan, list[float]] = field(default_factory=dict)  # warm trials, this rank's
+    samples: dict[Plan, dict[int, float]] = field(default_factory=dict)  # warm trials by round, this rank's
     steps: Counter = field(default_factory=Counter)  # steps run per plan (cold ones included)
     agreed: dict[Plan, Summary] = field(default_factory=dict)
     round: int = 0
@@ -177,7 +185,7 @@ class PlanTuner:
             return
         ex.seconds += seconds
         if trial.round > 0:  # round 0 is cold: discarded
-            ex.samples.setdefault(trial.plan, []).append(seconds)
+            ex.samples.setdefault(trial.plan, {})[trial.round] = seconds
 
     def allowance(self) -> float:
         c = self.config
@@ -213,9 +221,14 @@ class PlanTuner:
             ex.round, ex.position = ex.round + 1, 0
             warm = ex.round - 1
             if warm >= c.min_trials:
-                agreed = agree([summarize(ex.samples.get(p, [])) for p in ex.alive], self.group, device)
-                ex.agreed.update(zip(ex.alive, agreed, strict=True))
-                verdict = evaluate(agreed, c.tolerance)
+                n = len(ex.alive)
+                absolute = [summarize(list(ex.samples.get(p, {}).values())) for p in ex.alive]
+                relative = round_relative(ex.samples, ex.alive)
+                # one all-reduce for both: seconds (the table, drift checks, the refit) and the
+                # round-relative times the verdict is taken on
+                agreed = agree(absolute + [summarize(relative[p]) for p in ex.alive], self.group, device)
+                ex.agreed.update(zip(ex.alive, agreed[:n], strict=True))
+                verdict = evaluate(agreed[n:], c.tolerance)
                 leader = ex.alive[verdict.best]
                 ex.alive = [ex.alive[i] for i in verdict.keep]
                 reason = verdict.reason

@@ -149,9 +149,17 @@ def summarize_stationary(result: dict, layer_times: dict[str, float], *, rounds:
     }
 
 
-def summarize_totals(result: dict) -> dict:
-    """Whole-run totals (exploration included): the drifting workload's yardstick."""
-    totals = {name: sum(t) for name, t in result["times"].items()}
+def summarize_totals(result: dict, phases: int = 3) -> dict:
+    """Whole-run totals (exploration included): the drifting workload's yardstick; and per phase
+    (thirds of the run) the median step of every variant, to see which plan wins when."""
+    times = result["times"]
+    totals = {name: sum(t) for name, t in times.items()}
+    rounds = len(next(iter(times.values())))
+    per_phase = []
+    for k in range(phases):
+        window = range(k * rounds // phases, (k + 1) * rounds // phases)
+        medians = {name: statistics.median(t[i] for i in window) * 1e3 for name, t in times.items()}
+        per_phase.append(medians)
     statics = {k: v for k, v in totals.items() if k != "adaptive"}
     best = min(statics, key=statics.get)
     return {
@@ -160,6 +168,7 @@ def summarize_totals(result: dict) -> dict:
         "adaptive_total_s": totals["adaptive"],
         "adaptive_vs_best": totals["adaptive"] / statics[best],
         "static_total_s": statics,
+        "phase_median_ms": per_phase,
         "decisions": [[(d["event"], d["bucket"], d["plan"]) for d in layer] for layer in result["decisions"]],
     }
 

@@ -6,8 +6,10 @@ Life of a bucket (floor(capacity / bucket_size), separate tables for training an
 1. explore: the cost model ranks the candidates; the best few run round-robin, one step each per
    round (A B C D A B C D ...), so a slow spell of the machine hits all of them alike. Round 0 is
    cold (first use of a plan's buffers and shapes, the process's own warm-up) and is discarded. From
-   `min_trials` warm rounds on, after every round the per-candidate medians and spreads are agreed
-   across ranks and candidates clearly slower than the best are dropped (trial_stats.evaluate); the
+   `min_trials` warm rounds on, after every round the per-candidate medians and spreads of the
+   round-relative times (each trial over its round's median, so a slow spell covering a round
+   cancels) are agreed across ranks (MAX), and candidates clearly slower than the best are dropped
+   (trial_stats.evaluate); the
    exploration ends when the best is separated from the rest, or the rest are within `tolerance` of
    it, or after `max_trials` warm rounds, or when the exploration budget would be exceeded.
 2. exploit: the winner runs; one step in `check_every` is timed. When the median of the last

@@ -62,6 +62,11 @@ def forward_worker(case: str) -> tuple[str | None, int, object]:
         if rank == 1:
             layer.double()
         call = lambda: layer(x)  # noqa: E731
+    elif case == "autocast":  # the collectives would carry bf16 on one rank and fp32 on the other
+
+        def call():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=rank == 0):
+                return layer(x)
     else:
         raise AssertionError(case)
     message = _error(call)
@@ -111,7 +116,8 @@ def test_layers_built_differently_raise_on_every_rank(pool2, field, values, expe
         ("forced_vs_adaptive", "plan.r (rank 0: 1, rank 1: adaptive)"),
         ("forced_r", "plan.r (rank 0: 0, rank 1: 1)"),
         ("training", "training (rank 0: True, rank 1: False)"),
-        ("dtype", "parameter dtype (rank 0: torch.float32, rank 1: torch.float64)"),
+        ("dtype", "compute dtype (rank 0: torch.float32, rank 1: torch.float64)"),
+        ("autocast", "compute dtype (rank 0: torch.bfloat16, rank 1: torch.float32)"),
     ],
 )
 def test_steps_that_differ_raise_on_every_rank(pool2, case, expected):

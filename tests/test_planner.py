@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from flexmoe.cost_model import PRESETS, CostModel, LayerShape, candidate_plans
+from flexmoe.cost_model import (
+    PRESETS,
+    TERMS,
+    CostModel,
+    LayerShape,
+    all_to_all_bytes,
+    candidate_plans,
+    expert_flops,
+    gather_bytes,
+)
 from flexmoe.planner import main as plan_main
 from flexmoe.plans import Plan
-from flexmoe.tuner import PlanTuner, TunerConfig
 
 A100 = CostModel(PRESETS["a100"])
 
@@ -39,7 +47,8 @@ def test_pipelining_helps_when_compute_and_communication_are_comparable():
 
 
 def test_data_parallel_wins_with_few_tokens_and_small_experts_and_loses_with_large_ones():
-    few_tokens = _shape(8, E=8, C=8, T=64, M=256, H=512)  # one node: gathering tiny experts is cheap
+    # one node, two small experts: gathering them beats four all-to-alls and per-call costs
+    few_tokens = _shape(8, E=2, C=8, T=64, M=256, H=512)
     assert A100.best(few_tokens)[0].r == 0
     big_experts = _shape(8, E=8, C=1024, T=8192, M=4096, H=16384)
     assert A100.best(big_experts)[0].r != 0
@@ -54,37 +63,44 @@ def test_planner_prints_every_world_size(capsys):
     assert w2048["s"] == 32 and w2048["speedup"] >= 1.0
 
 
-def _tuner(costs: dict[Plan, float]):
-    config = TunerConfig(max_candidates=3, trials_per_candidate=2)
-    return PlanTuner(list(costs), lambda capacity: sorted(costs.items(), key=lambda kv: kv[1]), config=config)
+def test_expert_flops_count_forward_and_backward_of_both_gemms_on_filled_rows():
+    shape = LayerShape(model_dim=8, hidden_dim=16, num_experts=4, world_size=2, capacity=10, tokens=12)
+    # R = min(T * k, E * C) = min(24, 40) = 24 rows; 2 GEMMs x (1 forward + 2 backward) x 2 FLOPs per MAC
+    assert shape.filled_rows == 24
+    assert expert_flops(shape) == 12 * 24 * 8 * 16
+    swiglu = LayerShape(
+        model_dim=8, hidden_dim=16, num_experts=4, world_size=2, capacity=10, tokens=12, swiglu=True
+    )
+    assert expert_flops(swiglu) == 18 * 24 * 8 * 16
+    dropping = LayerShape(model_dim=8, hidden_dim=16, num_experts=4, world_size=2, capacity=3, tokens=12)
+    assert dropping.filled_rows == 12  # E * C = 12 slots < 24 assignments
 
 
-def test_tuner_explores_the_best_predicted_candidates_then_keeps_the_fastest_measured():
-    a, b, c, d = Plan(r=0), Plan(d=1), Plan(d=2), Plan(d=4)
-    tuner = _tuner({a: 4.0, b: 1.0, c: 2.0, d: 3.0})  # predicted order: b, c, d (a is cut)
-    measured = {b: 0.5, c: 0.2, d: 0.9}
-    seen = []
-    for _ in range(6):
-        plan, source = tuner.choose(200)
-        assert source == "tuner-explore"
-        seen.append(plan)
-        tuner.record(200, plan, measured[plan])
-    assert seen == [b, b, c, c, d, d]
-    assert tuner.choose(200) == (c, "tuner")
-    assert tuner.choose(255) == (c, "tuner")  # same bucket (capacity // 128 == 1)
-    assert tuner.decisions[0]["plan"] == c.describe() and tuner.decisions[0]["explore_steps"] == 6
-    plan, source = tuner.choose(600)  # a new bucket is explored afresh
-    assert source == "tuner-explore" and plan == b
-    rows = tuner.table()
-    assert sum(r["chosen"] for r in rows) == 1 and len(rows) == 6
+def test_bytes_moved_by_each_plan():
+    shape = LayerShape(
+        model_dim=8, hidden_dim=16, num_experts=2, world_size=4, capacity=5, tokens=6, bytes_per_element=4
+    )
+    # send buffer [E, r * C, M] in bytes, padding included
+    assert all_to_all_bytes(shape, Plan(r=1)) == 2 * 1 * 5 * 8 * 4
+    assert all_to_all_bytes(shape, Plan(r=2)) == 2 * 2 * 5 * 8 * 4
+    # 1/W of all expert parameters: E * (2 M H + H + M) * b / W
+    assert gather_bytes(shape, Plan(r=0)) == 2 * (2 * 8 * 16 + 16 + 8) * 4 / 4
 
 
-def test_tuner_with_a_single_candidate_never_explores():
-    tuner = _tuner({Plan(): 1.0})
-    assert tuner.choose(5) == (Plan(), "tuner")
+@pytest.mark.parametrize("cluster", sorted(PRESETS))
+def test_every_plan_costs_the_same_on_one_process(cluster):
+    model = CostModel(PRESETS[cluster])
+    shape = _shape(1, E=8, C=512, T=2048)
+    times = {p: model.step_time(shape, p) for p in candidate_plans(_shape(8, E=8), two_dh=True)}
+    assert len(set(times.values())) == 1
 
 
-@pytest.mark.parametrize("field", ["bucket_size", "max_candidates", "trials_per_candidate"])
-def test_tuner_config_validation(field):
-    with pytest.raises(ValueError, match=field):
-        TunerConfig(**{field: 0})
+def test_terms_sum_to_the_step_time_and_overlap_only_hides():
+    shape = _shape(64, C=512)
+    for plan in candidate_plans(shape, two_dh=True):
+        terms = A100.terms(shape, plan)
+        assert set(terms) == set(TERMS)
+        assert terms["overlap"] <= 0 <= min(terms[k] for k in TERMS if k != "overlap")
+        assert sum(terms.values()) == pytest.approx(A100.step_time(shape, plan))
+        if plan.d == 1:
+            assert terms["overlap"] == 0

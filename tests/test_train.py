@@ -34,7 +34,8 @@ def test_report_and_exact_resume(tmp_path):
     full = train(_config(tmp_path / "full"))
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert metrics["test_accuracy"] == full["test_accuracy"]
-    assert {"train_images_per_s", "tuner", "epochs", "final_plans"} <= set(metrics)
+    assert {"train_images_per_s", "tuner", "epochs", "final_plans", "exploration"} <= set(metrics)
+    assert metrics["exploration"]["layers"] == 2 and "explore_fraction" in metrics["tuner"][0]["exploration"]
     assert len(metrics["tuner"]) == 2  # the tiny model's two MoE layers
     assert all((tmp_path / "full" / name).is_file() for name in ("curves.png", "expert_load.png"))
     assert (tmp_path / "full" / "checkpoint").is_dir()
@@ -49,6 +50,7 @@ def test_report_and_exact_resume(tmp_path):
 def test_cli_arguments_and_validation():
     cfg = parse_args(["--epochs", "3", "--set", "num_experts=4", "--set", 'gate="cosine"'])
     assert cfg.epochs == 3 and cfg.model_overrides == {"num_experts": 4, "gate": "cosine"}
+    assert parse_args(["--plan-table", "plans.json"]).plan_table == "plans.json"
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="unknown data set"):

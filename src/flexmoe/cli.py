@@ -15,6 +15,7 @@ from flexmoe.cli_args import ArgumentParser, run
 COMMANDS = {
     "bench": ("flexmoe.bench", "benchmarks: layer | dist | swin | hf"),
     "plan": ("flexmoe.planner", "predict the best plan for a layer on large clusters"),
+    "tune": ("flexmoe.tune", "tune a layer or model under torchrun and write a plan file"),
     "train": ("flexmoe.train", "train a SwinV2-MoE (under torchrun for several processes)"),
     "eval": ("flexmoe.inference", "evaluate a checkpoint on a data set's held-out split"),
     "predict": ("flexmoe.inference", "classify images with a checkpoint"),

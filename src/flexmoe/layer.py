@@ -28,14 +28,17 @@ from flexmoe.config import (
     MoEConfig,
     check_dtype,
 )
+from flexmoe.cost_fit import PlanRanker
 from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
 from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
 from flexmoe.layout import ACTIVATIONS, ExpertLayout
+from flexmoe.plan_file import apply_plan_table
 from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
 from flexmoe.routing import RoutingPlan, route, routing_from_topk
 from flexmoe.shared_experts import SharedExperts
 from flexmoe.strategies import build_strategy
+from flexmoe.trial_timer import time_step
 from flexmoe.tuner import PlanTuner, TunerConfig
 
 
@@ -54,27 +57,6 @@ def _shared_seed(seed: int | None, group, world_size: int) -> int:
         dist.broadcast_object_list(box, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
         seed = box[0]
     return seed
-
-
-class _PlanRanker:
-    """The tuner's ranking: capacity -> candidate plans, best predicted first. An object rather than
-    a closure so that a layer pickles (torch.save) and deep-copies."""
-
-    def __init__(self, model: CostModel, plans: list[Plan], shape: dict, *, bytes_per_element: int):
-        self.model, self.plans, self.shape = model, plans, shape
-        self.master_bytes_per_element = bytes_per_element  # the parameters' dtype (gradients)
-        self.bytes_per_element = bytes_per_element  # what the collectives carry: set by every forward
-
-    def __call__(self, capacity: int):
-        tokens = capacity * self.shape["num_experts"] // self.shape["top_k"]
-        shape = LayerShape(
-            capacity=capacity,
-            tokens=tokens,
-            bytes_per_element=self.bytes_per_element,
-            master_bytes_per_element=self.master_bytes_per_element,
-            **self.shape,
-        )
-        return self.model.rank(shape, self.plans)
 
 
 class MoELayer(nn.Module):
@@ -114,6 +96,7 @@ class MoELayer(nn.Module):
         shared_expert_gate: bool = False,
         tuner: TunerConfig | bool = True,
         cluster: ClusterSpec | None = None,
+        plan_table=None,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device=None,
@@ -204,9 +187,14 @@ class MoELayer(nn.Module):
         if tuner is True:
             tuner = TunerConfig()
         self.tuner = self._build_tuner(tuner, cluster, device) if tuner else None
+        if plan_table is not None:  # a plan file (path or dict) or a tuner state_dict: skip known buckets
+            if self.tuner is None:
+                raise ValueError("plan_table needs the run-time tuner, but tuner=False was given")
+            apply_plan_table(self, plan_table, strict=True)
         self.aux_loss = torch.zeros((), device=device)
         self.last_plan: PlanRecord | None = None
         self.last_routing: RoutingPlan | None = None
+        self._trial_timer = None  # times a tuner trial through this step's backward
 
     @property
     def group(self):
@@ -222,6 +210,7 @@ class MoELayer(nn.Module):
         state["_strategies"] = {}
         state["last_routing"] = None
         state["aux_loss"] = self.aux_loss.detach()
+        state["_trial_timer"] = None  # hook handles of a step in flight
         return state
 
     # -- plans -------------------------------------------------------------------------------------
@@ -256,6 +245,8 @@ class MoELayer(nn.Module):
             world_size=L.world_size,
             top_k=c.top_k,
             swiglu=c.activation == "swiglu",
+            bytes_per_element=self.experts.fc1_weight.element_size(),  # updated by every forward
+            master_bytes_per_element=self.experts.fc1_weight.element_size(),
         )
         plans = (
             [STATIC_DEFAULT]
@@ -274,12 +265,8 @@ class MoELayer(nn.Module):
             and (p.r == 0 or c.all_to_all in ("auto", p.all_to_all))
         ] or [self._fixed_plan()]
         model = CostModel(cluster or default_cluster(device))
-        return PlanTuner(
-            plans,
-            _PlanRanker(model, plans, shape, bytes_per_element=self.experts.fc1_weight.dtype.itemsize),
-            config=config,
-            group=self.group,
-        )
+        ranker = PlanRanker(model, plans, shape=shape, capacity_factor=c.capacity_factor)
+        return PlanTuner(plans, ranker, config=config, group=self.group)
 
     def _fixed_plan(self) -> Plan:
         c = self.config
@@ -363,7 +350,7 @@ class MoELayer(nn.Module):
             # on the backend's own device (CPU for gloo, the current GPU for NCCL)
             agreement.agree(fields, group=self.group, what="MoELayer construction")
 
-    def _agree_capacity(self, plan: Plan | None, device) -> Callable[[int], int] | None:
+    def _agree_capacity(self, plan: Plan | None, compute_dtype, device) -> Callable[[int], int] | None:
         """Ranks must run the same plan on the same shapes, or the collectives would hang or abort:
         check it, and take the group's largest capacity, before any token moves. One fixed-size
         collective whatever the plan (a forced and an adaptive step send the same vector)."""
@@ -372,7 +359,8 @@ class MoELayer(nn.Module):
         f = agreement
         fields = [
             f.Field("layer settings (fingerprint)", self._fingerprint),
-            f.choice_field("parameter dtype", self.experts.fc1_weight.dtype, FLOAT_DTYPES),
+            # the experts' dtype this step (autocast's or the parameters'): what the collectives carry
+            f.choice_field("compute dtype", compute_dtype, FLOAT_DTYPES),
             f.choice_field("training", self.training, (False, True)),
             f.int_field("plan.r", None if plan is None else plan.r, unset="adaptive"),
             f.int_field("plan.d", None if plan is None else plan.d, unset="adaptive"),
@@ -398,22 +386,6 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"x must have last dimension model_dim={self.config.model_dim}, got shape {tuple(x.shape)}"
             )
-
-    def _time_trial(self, capacity: int, plan: Plan, started: float, x_TM: torch.Tensor, y_TM: torch.Tensor):
-        """A tuner trial's time: this layer's forward, plus its backward when one will run."""
-        forward_s = time.perf_counter() - started
-        if not (self.training and y_TM.requires_grad and x_TM.requires_grad):
-            self.tuner.record(capacity, plan, forward_s, training=self.training)
-            return
-        backward_start = []
-        y_TM.register_hook(lambda g: backward_start.append(time.perf_counter()))
-        x_TM.register_hook(
-            lambda g: (
-                self.tuner.record(capacity, plan, forward_s + time.perf_counter() - backward_start[0])
-                if backward_start
-                else None
-            )
-        )
 
     def _route(self, x_TM: torch.Tensor, agree, top_k_index, top_k_weights) -> RoutingPlan:
         """The layer's own gate, or routing given from outside (any router's top-k choices)."""
@@ -457,6 +429,9 @@ class MoELayer(nn.Module):
         self._validate(x)
         plan, source = self._plan_before_routing(plan)
         x_TM = x.reshape(-1, self.config.model_dim)
+        if self._trial_timer is not None:  # the previous timed step never finished its backward
+            self._trial_timer.cancel()
+            self._trial_timer = None
         # Under autocast the experts (GEMMs, all-to-all, weight gathers) run in autocast's dtype and the
         # layer returns it, as nn.Linear does; the gate and routing stay fp32 (DESIGN sections 2, 11).
         # The casts are explicit and the rest runs with autocast off, so it computes exactly what an
@@ -466,20 +441,25 @@ class MoELayer(nn.Module):
         compute_dtype = low_dtype or self.experts.fc1_weight.dtype
         out_dtype = low_dtype or x.dtype
         if self.tuner is not None:  # the collectives carry the compute dtype (autocast's or the params')
-            self.tuner.rank_plans.bytes_per_element = compute_dtype.itemsize
-        started = time.perf_counter()
+            self.tuner.rank_plans.set_bytes_per_element(compute_dtype.itemsize)
+        clock = self.tuner.clock if self.tuner is not None else time.perf_counter
+        started, trial = clock(), None
         with autocast_disabled(device_type):
-            routing = self._route(x_TM, self._agree_capacity(plan, x.device), top_k_index, top_k_weights)
+            agree = self._agree_capacity(plan, compute_dtype, x.device)
+            routing = self._route(x_TM, agree, top_k_index, top_k_weights)
             if plan is None:
                 plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
+                trial = self.tuner.last_trial
             plan, strategy = self._strategy(plan)
             routing = routing.padded_to(strategy.capacity_multiple)
             x_in = x_TM.to(compute_dtype)
             y_TM = strategy(x_in, routing, is_postscore=self.config.is_postscore, dtype=compute_dtype)
             if self.shared_experts is not None:
                 y_TM = y_TM + self.shared_experts(x_in)
-        if source == "tuner-explore":
-            self._time_trial(routing.capacity, plan, started, x_TM, y_TM)
+        if trial is not None:
+            self._trial_timer = time_step(
+                self.tuner, trial, forward_s=clock() - started, x=x_TM, y=y_TM, params=self.parameters()
+            )
         self.aux_loss = routing.aux_loss
         self.last_routing = _detached(routing)  # for inspection; must not keep the graph alive
         self.last_plan = PlanRecord(

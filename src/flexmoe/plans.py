@@ -39,7 +39,8 @@ STATIC_DEFAULT = Plan(r=1, d=1, all_to_all="flat")
 class PlanRecord:
     """What the last forward ran with; `source` says who chose it:
     "forced" (plan= argument), "fixed" (layer settings), "static-default" (adaptive without a tuner
-    decision), "tuner-explore" / "tuner" (the run-time tuner)."""
+    decision), "tuner-explore" / "tuner" / "tuner-check" (the run-time tuner: a trial, its decision, its
+    decision timed to catch a drift)."""
 
     r: int
     d: int

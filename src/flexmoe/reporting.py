@@ -31,9 +31,31 @@ def tuner_report(layers: list) -> list[dict]:
                 "last_plan": None if layer.last_plan is None else asdict(layer.last_plan),
                 "decisions": [] if tuner is None else tuner.decisions,
                 "trials": [] if tuner is None else tuner.table(),
+                "exploration": None if tuner is None else tuner.summary(),
             }
         )
     return report
+
+
+def exploration_summary(layers: list) -> dict:
+    """Over all MoE layers: steps run on plans that were not chosen, against the steps and the budget."""
+    summaries = [layer.tuner.summary() for layer in layers if getattr(layer, "tuner", None) is not None]
+    steps = sum(s["steps"] for s in summaries)
+    nonchosen = sum(s["explore_nonchosen_steps"] for s in summaries)
+    return {
+        "layers": len(summaries),
+        "layer_steps": steps,
+        "explore_steps": sum(s["explore_steps"] for s in summaries),
+        "explore_nonchosen_steps": nonchosen,
+        "explore_fraction": nonchosen / steps if steps else 0.0,
+        "reexplorations": sum(s["reexplorations"] for s in summaries),
+        "decisions": sum(
+            d["event"] in ("decision", "predicted")
+            for layer in layers
+            if getattr(layer, "tuner", None)
+            for d in layer.tuner.decisions
+        ),
+    }
 
 
 def plot(out: Path, history: list[EpochLog]) -> list[str]:
@@ -91,6 +113,7 @@ def write_report(
         "world_size": world_size,
         "epochs": [asdict(h) for h in history],
         "tuner": tuner_report(layers),
+        "exploration": exploration_summary(layers),
         "final_plans": dict(plans_used),
         "config": config,
         "environment": environment(),

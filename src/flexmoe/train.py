@@ -20,11 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flexmoe import cli_args
+from flexmoe.bench.common import write_json
 from flexmoe.checkpoint import load_checkpoint, read_extra, save_checkpoint
 from flexmoe.cpu_memory import retain_freed_memory
 from flexmoe.data import DataSplit, load_split
 from flexmoe.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
 from flexmoe.models import create_model
+from flexmoe.plan_file import apply_plan_table, export_plan_table
 from flexmoe.reporting import EpochLog, write_report
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # --precision -> autocast dtype
@@ -68,6 +70,7 @@ class TrainConfig:
     # "bf16": forward and loss under torch.autocast(bfloat16) on the device in use, fp32 master weights
     # (the MoE layers keep their gate and routing in fp32); "fp32": no autocast
     precision: str = "fp32"
+    plan_table: str | None = None  # a plan file (`flexmoe tune`): the tuners start from its buckets
     model_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -235,6 +238,10 @@ def train(config: TrainConfig) -> dict:
     C, H, W = split.image_shape
     overrides = dict(img_size=H, in_chans=C, num_classes=split.num_classes, **config.model_overrides)
     model = create_model(config.model, **overrides).to(device)
+    if config.plan_table is not None:
+        notes = apply_plan_table(model, config.plan_table)
+        if rank == 0:
+            print(f"plan table {config.plan_table}: {notes}", flush=True)
     model = wrap_data_parallel(model)
     optimizer = torch.optim.AdamW(param_groups(unwrap(model), config.weight_decay), lr=config.lr)
     steps_per_epoch = len(
@@ -309,6 +316,9 @@ def train(config: TrainConfig) -> dict:
     result = write_report(
         out, config=asdict(config), history=history, layers=moe_layers(model), world_size=world, write=show
     )
+    tuned = export_plan_table(unwrap(model))  # no collective: the tuners' states are agreed plain data
+    if show and tuned["layers"]:
+        write_json(out / "plan_table.json", tuned)
     if show:
         print(f"test_accuracy={result['test_accuracy']:.4f}", flush=True)
     return result
@@ -369,6 +379,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         choices=tuple(PRECISIONS),
         default=defaults.precision,
         help="bf16: forward and loss under torch.autocast(bfloat16), fp32 master weights",
+    )
+    p.add_argument(
+        "--plan-table",
+        default=None,
+        metavar="FILE",
+        help="a plan file from `flexmoe tune` (or a run's plan_table.json): known buckets are not explored",
     )
     p.add_argument(
         "--no-retain-cpu-memory",

@@ -1,10 +1,17 @@
-"""`flexmoe bench dist` (under torchrun): the step time of every static plan (r, d, all_to_all) for a
-few workloads, side by side in one run, next to the cost model's prediction calibrated on this machine.
+"""`flexmoe bench dist` (under torchrun): for a few workloads,
+
+1. in a model (bench/in_model.py): several MoE layers with dense work between them, the ADAPTIVE
+   model exploring from its first step against the same model forced to every static plan,
+   interleaved step by step; adaptive vs best static, each layer's decision, exploration spent;
+2. one layer alone: the step time of every static plan, next to the cost model's prediction
+   calibrated on this machine and after the tuner's online refit (Spearman rank correlations);
+3. a drifting workload: routing skew turned up and down during the run with a dynamic capacity
+   (cf < 0), so the best plan changes mid-run; whole-run totals, adaptive vs the best single plan.
 
     torchrun --standalone --nproc-per-node 4 -m flexmoe.cli bench dist
 
-Times are forward + backward of one MoE layer, medians over repeats after warm-up, and the MAX over
-ranks (a step is as slow as its slowest rank).
+Times are forward + backward, medians (or totals) over interleaved rounds, MAX over ranks (a step is
+as slow as its slowest rank).
 """
 
 from __future__ import annotations
@@ -27,7 +34,15 @@ from flexmoe.bench.common import (
     format_table,
     write_json,
 )
+from flexmoe.bench.in_model import (
+    compare,
+    exploration_report,
+    rank_correlation,
+    summarize_stationary,
+    summarize_totals,
+)
 from flexmoe.comm import ExpertGroups
+from flexmoe.cost_fit import spearman
 from flexmoe.cost_model import PRESETS, ClusterSpec, CostModel, LayerShape, candidate_plans
 
 
@@ -60,6 +75,23 @@ WORKLOADS = (
 QUICK = tuple(
     replace(w, tokens=max(64, w.tokens // 16), hidden_dim=w.hidden_dim // 4) for w in WORKLOADS[::3]
 )
+# k = 1 so that skew can pile the tokens onto one expert: capacity (the bucket) grows 4x, and r >= 1
+# then ships padded buffers and leaves one rank with all the GEMMs, while r = 0 stays balanced
+DRIFTING = DistWorkload(
+    name="drifting skew (cf < 0)",
+    model_dim=256,
+    hidden_dim=1024,
+    experts_per_rank=2,
+    tokens=512,
+    top_k=1,
+    capacity_factor=-4.0,
+)
+DEGREES = (1, 2, 4)  # d = 8 never paid on this kind of machine; fewer variants, shorter runs
+
+
+def drift_schedule(rounds: int, skew: float = 0.35):
+    """Balanced, skewed, balanced: thirds of the run."""
+    return lambda i: skew if rounds // 3 <= i < 2 * rounds // 3 else 0.0
 
 
 def _median_steps(layer: MoELayer, x: torch.Tensor, plans: list[Plan], *, warmup: int, repeats: int):
@@ -104,6 +136,17 @@ def calibrate(groups: ExpertGroups, *, threads: int) -> ClusterSpec:
     for _ in range(10):
         a @ b
     flops = 10 * 2 * 512**3 / (time.perf_counter() - start)
+    big = torch.randn(4 * 1024 * 1024)
+    out = torch.empty_like(big)
+    start = time.perf_counter()
+    for _ in range(10):
+        out.copy_(big)
+    memory_bandwidth = 10 * 2 * big.numel() * 4 / (time.perf_counter() - start)  # read + write
+    tiny = torch.ones(1)
+    start = time.perf_counter()
+    for _ in range(1000):
+        tiny.add_(1)
+    kernel_overhead = (time.perf_counter() - start) / 1000
     base = PRESETS["cpu-gloo"]
     return replace(
         base,
@@ -113,18 +156,68 @@ def calibrate(groups: ExpertGroups, *, threads: int) -> ClusterSpec:
         intra_latency=latency,
         inter_latency=latency,
         flops=flops,
+        memory_bandwidth=memory_bandwidth,
+        kernel_overhead=kernel_overhead,
         launch_overhead=small / 2,
     )
 
 
-def run(workloads, *, warmup: int, repeats: int, local_world_size: int | None) -> dict:
+def _layer_shape(w: DistWorkload, W: int, capacity: int) -> LayerShape:
+    E = w.num_experts(W)
+    return LayerShape(
+        model_dim=w.model_dim,
+        hidden_dim=w.hidden_dim,
+        num_experts=E,
+        world_size=W,
+        capacity=capacity,
+        tokens=w.tokens,
+        top_k=min(w.top_k, E),
+        bytes_per_element=4,
+    )
+
+
+def _in_model(w: DistWorkload, W: int, cluster, local_world_size, *, layers: int, rounds: int, skew=None):
+    E = w.num_experts(W)
+    plans = candidate_plans(_layer_shape(w, W, 1), two_dh=local_world_size is not None, degrees=DEGREES)
+    plans = [p for p in plans if p.all_to_all == "flat" or (local_world_size and 1 < local_world_size < W)]
+    return compare(
+        M=w.model_dim,
+        H=w.hidden_dim,
+        E=E,
+        top_k=min(w.top_k, E),
+        capacity_factor=w.capacity_factor,
+        tokens=w.tokens,
+        layers=layers,
+        rounds=rounds,
+        plans=plans,
+        cluster=cluster,
+        local_world_size=local_world_size,
+        degrees=DEGREES,
+        skew_schedule=skew,
+    )
+
+
+def run(
+    workloads,
+    *,
+    warmup: int,
+    repeats: int,
+    local_world_size: int | None,
+    layers: int,
+    rounds: int,
+    drift_rounds: int,
+) -> dict:
     W, rank = dist.get_world_size(), dist.get_rank()
     threads = torch.get_num_threads()
     probe = ExpertGroups(None, local_world_size=local_world_size)
     cluster = calibrate(probe, threads=threads)
     model = CostModel(cluster)
-    rows = []
+    rows, adaptive_rows = [], []
     for w in workloads:
+        # the model first: its adaptive layers explore from the process's first MoE step of this shape
+        in_model = (
+            _in_model(w, W, cluster, local_world_size, layers=layers, rounds=rounds) if rounds else None
+        )
         E = w.num_experts(W)
         top_k = min(w.top_k, E)
         layer = MoELayer(
@@ -139,21 +232,13 @@ def run(workloads, *, warmup: int, repeats: int, local_world_size: int | None) -
         )
         x = torch.randn(w.tokens, w.model_dim, generator=torch.Generator().manual_seed(rank))
         layer(x)
-        shape = LayerShape(
-            model_dim=w.model_dim,
-            hidden_dim=w.hidden_dim,
-            num_experts=E,
-            world_size=W,
-            capacity=layer.last_plan.capacity,
-            tokens=w.tokens,
-            top_k=top_k,
-            bytes_per_element=4,
-        )
+        shape = _layer_shape(w, W, layer.last_plan.capacity)
         plans = candidate_plans(shape, two_dh=layer.groups.supports_2dh)
         measured = _median_steps(layer, x, plans, warmup=warmup, repeats=repeats)
         static = measured[Plan()]
         best = min(measured, key=measured.get)
         predicted_best = model.rank(shape, plans)[0][0]
+        ranker = in_model["rankers"][0] if in_model else None
         for p, t in measured.items():
             rows.append(
                 {
@@ -164,18 +249,88 @@ def run(workloads, *, warmup: int, repeats: int, local_world_size: int | None) -
                     "plan": p.describe(),
                     "measured_ms": t * 1e3,
                     "predicted_ms": model.step_time(shape, p) * 1e3,
+                    "refit_ms": ranker.predict(shape.capacity, p) * 1e3
+                    if ranker and p in ranker.plans
+                    else None,
                     "vs_static": static / t,
                     "best": "*" if p == best else "",
                     "model_pick": "*" if p == predicted_best else "",
                 }
             )
+        spearman_prior = spearman([model.step_time(shape, p) for p in plans], [measured[p] for p in plans])
+        if in_model:
+            layer_times = {p.describe(): t for p, t in measured.items()}
+            row = {
+                "workload": w.name,
+                "W": W,
+                **summarize_stationary(in_model, layer_times, rounds=rounds),
+                **exploration_report(in_model),
+                "spearman_prior": spearman_prior,
+                "spearman_refit": rank_correlation(ranker, shape.capacity, measured),
+                "refit_scales": ranker.scales(),
+                "tuner_tables": in_model["tables"],
+                "decisions": in_model["decisions"],
+            }
+            adaptive_rows.append(row)
         if rank == 0:
             print(
                 f"done: {w.name}: best {best.describe()} ({static / measured[best]:.2f}x over r=1 d=1 flat), "
-                f"cost model picks {predicted_best.describe()}",
+                f"cost model picks {predicted_best.describe()}"
+                + (
+                    f"; in a model: adaptive {row['adaptive_ms']:.1f} ms vs best static {row['best_static']} "
+                    f"{row['best_static_ms']:.1f} ms ({row['adaptive_vs_best']:.3f}x)"
+                    if in_model
+                    else ""
+                ),
                 flush=True,
             )
-    return {"rows": rows, "cluster": asdict(cluster)}
+    drift = None
+    if drift_rounds:
+        result = _in_model(
+            DRIFTING,
+            W,
+            cluster,
+            local_world_size,
+            layers=layers,
+            rounds=drift_rounds,
+            skew=drift_schedule(drift_rounds),
+        )
+        drift = {"workload": DRIFTING.name, "W": W, **summarize_totals(result), **exploration_report(result)}
+        if rank == 0:
+            print(
+                f"done: {DRIFTING.name}: adaptive {drift['adaptive_total_s']:.2f} s vs best static "
+                f"{drift['best_static']} {drift['best_static_total_s']:.2f} s "
+                f"({drift['adaptive_vs_best']:.3f}x)",
+                flush=True,
+            )
+    return {"rows": rows, "adaptive": adaptive_rows, "drifting": drift, "cluster": asdict(cluster)}
+
+
+ADAPTIVE_COLUMNS = (
+    "workload",
+    "W",
+    "best_static",
+    "best_static_ms",
+    "adaptive_ms",
+    "adaptive_vs_best",
+    "chosen",
+    "chosen_vs_best_layer",
+    "explore_nonchosen_steps",
+    "explore_pct_of_1000",
+    "spearman_prior",
+    "spearman_refit",
+)
+DRIFT_COLUMNS = (
+    "workload",
+    "W",
+    "best_static",
+    "best_static_total_s",
+    "adaptive_total_s",
+    "adaptive_vs_best",
+    "explore_nonchosen_steps",
+    "reexplorations",
+    "decisions",
+)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -189,6 +344,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         default=None,
         help="ranks per 'node' for 2dh (default: half the ranks when W >= 4)",
     )
+    parser.add_argument("--layers", type=int, default=3, help="MoE layers of the in-model comparison")
+    parser.add_argument(
+        "--rounds", type=int, default=60, help="interleaved rounds of the in-model comparison (0: skip it)"
+    )
+    parser.add_argument(
+        "--drift-rounds", type=int, default=90, help="rounds of the drifting workload (0: skip it)"
+    )
+    parser.add_argument("--workloads", default=None, help="comma-separated indices into the workload list")
     parser.add_argument("--out", default=None)
     add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)
@@ -202,8 +365,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     W = dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // W))
     local = args.local_world_size or (W // 2 if W >= 4 else None)
+    workloads = QUICK if args.quick else WORKLOADS
+    if args.workloads:
+        workloads = tuple(workloads[int(i)] for i in args.workloads.split(","))
     result = run(
-        QUICK if args.quick else WORKLOADS, warmup=args.warmup, repeats=args.repeats, local_world_size=local
+        workloads,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        local_world_size=local,
+        layers=min(args.layers, 2) if args.quick else args.layers,
+        rounds=min(args.rounds, 24) if args.quick else args.rounds,
+        drift_rounds=min(args.drift_rounds, 30) if args.quick else args.drift_rounds,
     )
     payload = None
     if dist.get_rank() == 0:
@@ -218,12 +390,17 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "plan",
                     "measured_ms",
                     "predicted_ms",
+                    "refit_ms",
                     "vs_static",
                     "best",
                     "model_pick",
                 ),
             )
         )
+        if result["adaptive"]:
+            print(format_table(result["adaptive"], ADAPTIVE_COLUMNS))
+        if result["drifting"]:
+            print(format_table([result["drifting"]], DRIFT_COLUMNS))
         payload = {
             "environment": environment(
                 benchmark="dist",

@@ -9,7 +9,8 @@ A checkpoint is a directory:
                               (written last; a load verifies each file before using it: integrity.py)
     <path>/replicated.pt      the replicated (non-expert) entries of the model's state_dict, their
                               optimizer state keyed by parameter NAME, the optimizer's param groups
-                              (hyper-parameters, parameter names), the scheduler state
+                              (hyper-parameters, parameter names), the scheduler state, and the
+                              run-time tuners' decided buckets by module name (agreed, so replicated)
     <path>/experts-00003.pt   what rank 3 of the checkpoint group holds: per Experts module its
                               shards (fc1_weight [E_local, M, X], ...) and their optimizer state
 

@@ -18,6 +18,7 @@ from flexmoe.checkpoint.model_state import (
     full_shapes,
     key_prefix,
     layout_from,
+    load_tuner_states,
     optimizer_group_names,
     param_names,
     unwrap,
@@ -252,7 +253,12 @@ def _read_checkpoint(target: Path, model: nn.Module, optimizer, scheduler) -> tu
         optim_state = _optimizer_state(root, model, optimizer, shared, expert_states)
     if scheduler is not None and shared.get("scheduler") is None:
         raise ValueError(f"checkpoint {root} holds no scheduler state (it was saved without a scheduler)")
-    return meta, {"model": model_state, "optimizer": optim_state, "scheduler": shared.get("scheduler")}
+    return meta, {
+        "model": model_state,
+        "optimizer": optim_state,
+        "scheduler": shared.get("scheduler"),
+        "tuners": shared.get("tuners") or {},  # absent in checkpoints written before tuners were saved
+    }
 
 
 def load_checkpoint(
@@ -281,6 +287,7 @@ def load_checkpoint(
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
+    load_tuner_states(model, loaded["tuners"])
     return {"step": meta["step"], "extra": meta["extra"], "world_size": meta["world_size"]}
 
 

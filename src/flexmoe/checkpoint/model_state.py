@@ -91,6 +91,23 @@ def optimizer_group_names(optimizer: torch.optim.Optimizer, names: dict[int, str
     return groups
 
 
+def tuner_states(model: nn.Module) -> dict[str, dict]:
+    """Every run-time tuner's decided buckets, by module name: replicated state (the decisions are
+    agreed across ranks), so a resumed run does not explore what it already measured."""
+    return {
+        name: m.tuner.state_dict()
+        for name, m in model.named_modules()
+        if getattr(m, "tuner", None) is not None
+    }
+
+
+def load_tuner_states(model: nn.Module, states: dict[str, dict]) -> None:
+    """The tuners take their saved buckets when the world size and ranks match (else they explore)."""
+    for name, m in model.named_modules():
+        if getattr(m, "tuner", None) is not None and name in states:
+            m.tuner.load_state_dict(states[name])
+
+
 def check_weights_only(obj, what: str) -> None:
     """Fail at save time, not at load time, on objects torch.load(weights_only=True) refuses."""
     buffer = io.BytesIO()

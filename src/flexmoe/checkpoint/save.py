@@ -21,6 +21,7 @@ from flexmoe.checkpoint.model_state import (
     layout_info,
     optimizer_group_names,
     param_names,
+    tuner_states,
     unwrap,
 )
 from flexmoe.experts import Experts
@@ -218,4 +219,4 @@ def _replicated_payload(model, experts, optimizer, scheduler, names, groups, ext
     if scheduler is not None:
         sched = scheduler.state_dict()
         check_weights_only(sched, "the scheduler's state_dict")
-    return {"params": params, "optimizer": optim, "scheduler": sched}
+    return {"params": params, "optimizer": optim, "scheduler": sched, "tuners": tuner_states(model)}

@@ -46,7 +46,8 @@ def _step(layer: MoELayer, x: torch.Tensor, *, autocast: bool, plan: Plan | None
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach().double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 def test_autocast_output_aux_and_gradient_dtypes():

@@ -75,21 +75,34 @@ WORKLOADS = (
 QUICK = tuple(
     replace(w, tokens=max(64, w.tokens // 16), hidden_dim=w.hidden_dim // 4) for w in WORKLOADS[::3]
 )
-# k = 1 so that skew can pile the tokens onto one expert: capacity (the bucket) grows 4x, and r >= 1
-# then ships padded buffers and leaves one rank with all the GEMMs, while r = 0 stays balanced
+# The drifting workload: balanced, skewed, balanced (thirds of the run), k = 1, dynamic capacity.
+# The best plan must really change between phases, and by a wide margin:
+# - balanced: each rank's share of the expert GEMMs is the same in every plan, so r = 0 only adds the
+#   all-gather of every expert's weights (and the reduce-scatter of their gradients), which large
+#   experts (H = 32 M) make costly next to the few tokens: expert parallel r = 1 wins;
+# - skewed (skew 1.0 sends all tokens to expert 0, capacity = T, a new bucket): under r = 1 the rank
+#   holding expert 0 multiplies the W * T rows of every rank while the others wait, r = 0 keeps each
+#   rank's GEMMs on its own T rows: r = 0 wins.
+# The balance point is the weight-gather time against one rank's GEMMs (~ tokens); T = 448 puts it
+# in between, so that on a 2-core gloo machine at W = 2 each phase's best plan beats the other phase's
+# by ~1.25-1.4x (measured per phase, 3 layers). At W = 2 the product of the two margins is bounded by
+# the imbalance, (2 GEMMs + dense) / (1 GEMM + dense) < 2, so neither can be much wider than ~1.4x;
+# at W = 4 the hot rank has 4x the rows and the margins widen. M = 128 keeps the dense work between
+# the MoE layers (an MLP of width 2 M) small next to the experts, so it dilutes the margins little.
 DRIFTING = DistWorkload(
     name="drifting skew (cf < 0)",
-    model_dim=256,
-    hidden_dim=1024,
-    experts_per_rank=2,
-    tokens=512,
+    model_dim=128,
+    hidden_dim=4096,
+    experts_per_rank=1,
+    tokens=448,
     top_k=1,
     capacity_factor=-4.0,
 )
+DRIFT_SKEW = 1.0
 DEGREES = (1, 2, 4)  # d = 8 never paid on this kind of machine; fewer variants, shorter runs
 
 
-def drift_schedule(rounds: int, skew: float = 0.35):
+def drift_schedule(rounds: int, skew: float = DRIFT_SKEW):
     """Balanced, skewed, balanced: thirds of the run."""
     return lambda i: skew if rounds // 3 <= i < 2 * rounds // 3 else 0.0
 
@@ -135,18 +148,26 @@ def calibrate(groups: ExpertGroups, *, threads: int) -> ClusterSpec:
     start = time.perf_counter()
     for _ in range(10):
         a @ b
-    flops = 10 * 2 * 512**3 / (time.perf_counter() - start)
+    gemm_s = time.perf_counter() - start
     big = torch.randn(4 * 1024 * 1024)
     out = torch.empty_like(big)
     start = time.perf_counter()
     for _ in range(10):
         out.copy_(big)
-    memory_bandwidth = 10 * 2 * big.numel() * 4 / (time.perf_counter() - start)  # read + write
+    copy_s = time.perf_counter() - start
     tiny = torch.ones(1)
     start = time.perf_counter()
     for _ in range(1000):
         tiny.add_(1)
-    kernel_overhead = (time.perf_counter() - start) / 1000
+    kernel_s = time.perf_counter() - start
+    # the layers check at construction that every rank has the same cluster figures (they decide
+    # which candidates the tuners walk): the local timings are agreed, MAX over ranks (slowest rank)
+    local = torch.tensor([gemm_s, copy_s, kernel_s], dtype=torch.float64)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    gemm_s, copy_s, kernel_s = local.tolist()
+    flops = 10 * 2 * 512**3 / gemm_s
+    memory_bandwidth = 10 * 2 * big.numel() * 4 / copy_s  # read + write
+    kernel_overhead = kernel_s / 1000
     base = PRESETS["cpu-gloo"]
     return replace(
         base,
@@ -212,6 +233,14 @@ def run(
     probe = ExpertGroups(None, local_world_size=local_world_size)
     cluster = calibrate(probe, threads=threads)
     model = CostModel(cluster)
+    if rank == 0:
+        print(
+            f"calibrated ({threads} thread(s) per rank): fp32 GEMM {cluster.flops / 1e9:.1f} GFLOP/s, "
+            f"all-to-all {cluster.intra_bandwidth / 1e9:.2f} GB/s, "
+            f"latency {cluster.intra_latency * 1e6:.0f} us, "
+            f"copy {cluster.memory_bandwidth / 1e9:.1f} GB/s",
+            flush=True,
+        )
     rows, adaptive_rows = [], []
     for w in workloads:
         # the model first: its adaptive layers explore from the process's first MoE step of this shape
@@ -333,6 +362,27 @@ DRIFT_COLUMNS = (
 )
 
 
+def drift_phase_rows(drift: dict) -> list[dict]:
+    """Per phase of the drifting workload: every variant's median step (ms), the phase's best static
+    plan and its margin over the runner-up, adaptive against it; and the totals of the phase."""
+    rows = []
+    for k, (medians, totals) in enumerate(zip(drift["phase_median_ms"], drift["phase_total_s"], strict=True)):
+        statics = {n: v for n, v in medians.items() if n != "adaptive"}
+        ranked = sorted(statics, key=statics.get)
+        rows.append(
+            {
+                "phase": k,
+                **{f"{n} ms": v for n, v in medians.items()},
+                "phase_best": ranked[0],
+                "runner_up_vs_best": statics[ranked[1]] / statics[ranked[0]] if len(ranked) > 1 else None,
+                "adaptive_vs_phase_best": medians["adaptive"] / statics[ranked[0]],
+                "adaptive_total_s": totals["adaptive"],
+                "best_static_total_s": min(v for n, v in totals.items() if n != "adaptive"),
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="flexmoe bench dist", description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -349,7 +399,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         "--rounds", type=int, default=60, help="interleaved rounds of the in-model comparison (0: skip it)"
     )
     parser.add_argument(
-        "--drift-rounds", type=int, default=90, help="rounds of the drifting workload (0: skip it)"
+        "--drift-rounds",
+        type=int,
+        default=180,
+        help="rounds of the drifting workload, in three phases (0: skip it)",
     )
     parser.add_argument("--workloads", default=None, help="comma-separated indices into the workload list")
     parser.add_argument("--out", default=None)
@@ -401,6 +454,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(format_table(result["adaptive"], ADAPTIVE_COLUMNS))
         if result["drifting"]:
             print(format_table([result["drifting"]], DRIFT_COLUMNS))
+            phase_rows = drift_phase_rows(result["drifting"])
+            print(format_table(phase_rows, list(phase_rows[0])))
         payload = {
             "environment": environment(
                 benchmark="dist",

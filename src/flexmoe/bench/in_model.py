@@ -155,11 +155,12 @@ def summarize_totals(result: dict, phases: int = 3) -> dict:
     times = result["times"]
     totals = {name: sum(t) for name, t in times.items()}
     rounds = len(next(iter(times.values())))
-    per_phase = []
+    per_phase, phase_totals = [], []
     for k in range(phases):
         window = range(k * rounds // phases, (k + 1) * rounds // phases)
         medians = {name: statistics.median(t[i] for i in window) * 1e3 for name, t in times.items()}
         per_phase.append(medians)
+        phase_totals.append({name: sum(t[i] for i in window) for name, t in times.items()})
     statics = {k: v for k, v in totals.items() if k != "adaptive"}
     best = min(statics, key=statics.get)
     return {
@@ -169,6 +170,7 @@ def summarize_totals(result: dict, phases: int = 3) -> dict:
         "adaptive_vs_best": totals["adaptive"] / statics[best],
         "static_total_s": statics,
         "phase_median_ms": per_phase,
+        "phase_total_s": phase_totals,
         "decisions": [[(d["event"], d["bucket"], d["plan"]) for d in layer] for layer in result["decisions"]],
     }
 

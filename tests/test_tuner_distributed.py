@@ -177,3 +177,23 @@ def plan_file_worker(path: str) -> list[str]:
         layer(x).square().mean().backward()
         sources.append(layer.last_plan.source)
     return sources
+
+
+def calibration_worker() -> dict:
+    from dataclasses import asdict
+
+    from flexmoe.bench.dist import calibrate
+    from flexmoe.comm import ExpertGroups
+
+    cluster = calibrate(ExpertGroups(None, shards_per_expert=1), threads=1)
+    # a layer built on the calibrated figures passes the construction agreement on every rank
+    MoELayer(16, 32, 2, seed=1, cluster=cluster)
+    return asdict(cluster)
+
+
+@pytest.mark.timeout(240)
+def test_the_benchmark_calibration_is_the_same_on_every_rank(pool):
+    # each rank timing its own GEMMs gave each a different cluster, which the layers' construction
+    # agreement refuses: `flexmoe bench dist` could not run on two ranks
+    first, second = pool.run(calibration_worker)
+    assert first == second

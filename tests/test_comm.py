@@ -19,13 +19,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from flexmoe.agreement import agree, int_field
 from flexmoe.comm import (
     ExpertGroups,
     _inherited_timeout,
-    agree_max,
     all_gather_shards,
     all_to_all,
-    check_agreement,
 )
 from flexmoe.testing.distributed import DistributedPool, DistributedPoolError, free_port
 
@@ -129,15 +128,15 @@ def membership_worker() -> dict:
 
 def agreement_worker() -> dict:
     rank = dist.get_rank()
-    result: dict = {"max": agree_max([rank, 10 - rank, 5], dist.group.WORLD)}
-    result["max_default_group"] = agree_max([rank])
-    check_agreement({"model_dim": 8, "num_experts": 4}, None)
-    for name, values in {
-        "one_key": {"model_dim": 16 if rank == 1 else 8, "num_experts": 4},
-        "two_keys": {"model_dim": 8 + rank, "num_experts": 4, "top_k": 2 - (rank == 0)},
+    same = [int_field("model_dim", 8), int_field("num_experts", 4)]
+    result: dict = {"max": agree(same, [rank, 10 - rank, 5], dist.group.WORLD)}
+    result["max_default_group"] = agree(same, [rank])
+    for name, fields in {
+        "one_key": [int_field("model_dim", 16 if rank == 1 else 8), int_field("num_experts", 4)],
+        "two_keys": [int_field("model_dim", 8 + rank), int_field("top_k", 2 - (rank == 0))],
     }.items():
         try:
-            check_agreement(values, None, device="cpu")
+            agree(fields, device="cpu")
             result[name] = None
         except ValueError as err:
             result[name] = str(err)
@@ -274,8 +273,11 @@ def test_block_groups_2dh_groups_and_their_timeouts(pool4):
 def test_agreement_and_max(pool4):
     for rank, res in enumerate(pool4.run(agreement_worker)):
         assert res["max"] == [3, 10, 5] and res["max_default_group"] == [3]
-        assert res["one_key"] == "ranks disagree on model_dim (min 8, max 16)", rank
-        assert res["two_keys"] == "ranks disagree on model_dim (min 8, max 11); top_k (min 1, max 2)", rank
+        assert res["one_key"] == "ranks disagree on model_dim (rank 0: 8, rank 1: 16, rank 2: 8, rank 3: 8)"
+        assert res["two_keys"] == (
+            "ranks disagree on model_dim (rank 0: 8, rank 1: 9, rank 2: 10, rank 3: 11); "
+            "top_k (rank 0: 1, rank 1: 2, rank 2: 2, rank 3: 2)"
+        ), rank
 
 
 # -- the pool itself -------------------------------------------------------------------------------
@@ -353,8 +355,7 @@ def test_single_process_behaviour():
     (gathered * 3).sum().backward()
     assert torch.equal(shard.grad, torch.full((2, 3), 3.0))
 
-    assert agree_max([4, 2], None) == [4, 2] and agree_max([]) == []
-    check_agreement({"model_dim": 8}, None)
+    assert agree([int_field("model_dim", 8)], [4, 2]) == [4, 2] and agree([]) == []
 
 
 def test_single_process_user_errors():

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from flexmoe.comm import _comm_device  # where small control tensors live (NCCL: CUDA)
+from flexmoe.comm import _all_gather_flat, _comm_device  # _comm_device: where control tensors live
 
 __all__ = ["Field", "agree", "choice_field", "float_field", "int_field"]
 
@@ -96,8 +96,7 @@ def agree(
     local_K = torch.tensor([f.code for f in fields] + maxima, dtype=torch.int64)
     local_K = local_K.to(_comm_device(group, device))
     table_WK = torch.empty(world * local_K.numel(), dtype=torch.int64, device=local_K.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(table_WK, local_K, group=group)
+    _all_gather_flat(table_WK, local_K, group)
     rows = table_WK.view(world, -1).tolist()
     diffs = _differences(fields, [row[: len(fields)] for row in rows])
     if diffs:

@@ -31,10 +31,8 @@ __all__ = [
     "AllToAllHandle",
     "ExpertGroups",
     "WeakGroup",
-    "agree_max",
     "all_gather_shards",
     "all_to_all",
-    "check_agreement",
 ]
 
 
@@ -401,46 +399,3 @@ def all_gather_shards(
     if group is None or dist.get_world_size(group) == 1:
         return x.to(dtype).unsqueeze(0)
     return _AllGatherShards.apply(x, group, dtype)
-
-
-# -- agreement across ranks ------------------------------------------------------------------------
-
-
-def agree_max(
-    values: list[int], group: ProcessGroup | None = None, *, device: torch.device | str | None = None
-) -> list[int]:
-    """Element-wise maximum of small ints over the group (e.g. the capacity every rank must use).
-
-    `device` should be the layer's device (NCCL needs CUDA tensors); by default CUDA for NCCL,
-    else CPU. `group=None` means WORLD when initialised; a single process returns the values unchanged.
-    """
-    values = [int(v) for v in values]
-    group = _default_group(group)
-    if group is None or dist.get_world_size(group) == 1 or not values:
-        return values
-    t = torch.tensor(values, dtype=torch.int64, device=_comm_device(group, device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return [int(v) for v in t.tolist()]
-
-
-def check_agreement(
-    values: dict[str, int], group: ProcessGroup | None = None, *, device: torch.device | str | None = None
-) -> None:
-    """Raise ValueError on every rank unless all ranks hold equal `values` (one all-reduce).
-
-    Ranks that disagree on a setting would otherwise deadlock or silently compute garbage later.
-    `group=None` means WORLD when initialised; a single process has nothing to check.
-    """
-    group = _default_group(group)
-    if group is None or dist.get_world_size(group) == 1 or not values:
-        return
-    keys = list(values)
-    local = [int(values[k]) for k in keys]
-    # MAX over [v, -v] gives the max and minus the min in one collective.
-    t = torch.tensor(local + [-v for v in local], dtype=torch.int64, device=_comm_device(group, device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    both = t.tolist()
-    highs, lows = both[: len(keys)], [-v for v in both[len(keys) :]]
-    diffs = [f"{k} (min {lo}, max {hi})" for k, lo, hi in zip(keys, lows, highs, strict=True) if lo != hi]
-    if diffs:
-        raise ValueError("ranks disagree on " + "; ".join(diffs))

@@ -16,7 +16,7 @@ ALL_TO_ALL_ALGORITHMS = ("flat", "2dh")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _positive_int(name: str, value: object) -> None:
+def positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
@@ -29,14 +29,14 @@ def _choice(name: str, value: object, accepted: tuple[str, ...]) -> None:
 def _validate_modern_routing(c) -> None:
     """Score function, routed scaling and group-limited top-k (shared by both configs)."""
     _choice("score_function", c.score_function, SCORE_FUNCTIONS)
-    _number("routed_scaling_factor", c.routed_scaling_factor)
+    finite_number("routed_scaling_factor", c.routed_scaling_factor)
     if c.routed_scaling_factor <= 0:
         raise ValueError(f"routed_scaling_factor must be a finite number > 0, got {c.routed_scaling_factor}")
-    _positive_int("num_groups", c.num_groups)
+    positive_int("num_groups", c.num_groups)
     if c.num_experts % c.num_groups:
         raise ValueError(f"num_groups={c.num_groups} must divide num_experts={c.num_experts}")
     if c.top_k_groups is not None:
-        _positive_int("top_k_groups", c.top_k_groups)
+        positive_int("top_k_groups", c.top_k_groups)
         if c.top_k_groups > c.num_groups:
             raise ValueError(f"top_k_groups={c.top_k_groups} must not exceed num_groups={c.num_groups}")
         eligible = c.top_k_groups * (c.num_experts // c.num_groups)
@@ -52,7 +52,7 @@ def _flag(name: str, value: object) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
-def _number(name: str, value: object, *, at_least: float | None = None) -> None:
+def finite_number(name: str, value: object, *, at_least: float | None = None) -> None:
     """A finite int or float (not a bool, not a string), optionally >= `at_least`."""
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (at_least is not None and value < at_least):
@@ -84,13 +84,13 @@ class RoutingConfig:
     top_k_groups: int | None = None  # ... and only the top_k_groups best groups are eligible (None: all)
 
     def __post_init__(self) -> None:
-        _positive_int("num_experts", self.num_experts)
-        _positive_int("top_k", self.top_k)
+        positive_int("num_experts", self.num_experts)
+        positive_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} must not exceed num_experts={self.num_experts}")
-        _number("capacity_factor", self.capacity_factor)
-        _number("gate_noise", self.gate_noise, at_least=0)
-        _number("router_z_loss", self.router_z_loss, at_least=0)
+        finite_number("capacity_factor", self.capacity_factor)
+        finite_number("gate_noise", self.gate_noise, at_least=0)
+        finite_number("router_z_loss", self.router_z_loss, at_least=0)
         _flag("normalize_gate", self.normalize_gate)
         _flag("batch_prioritized_routing", self.batch_prioritized_routing)
         _validate_modern_routing(self)
@@ -131,9 +131,9 @@ class MoEConfig:
     shared_expert_gate: bool = False  # scale the shared expert by sigmoid(x @ w) (Qwen2-MoE)
 
     def __post_init__(self) -> None:
-        _positive_int("model_dim", self.model_dim)
-        _positive_int("hidden_dim", self.hidden_dim)
-        _positive_int("num_experts", self.num_experts)
+        positive_int("model_dim", self.model_dim)
+        positive_int("hidden_dim", self.hidden_dim)
+        positive_int("num_experts", self.num_experts)
         if self.gate is not None:
             _choice("gate", self.gate, GATES)
         _choice("activation", self.activation, ACTIVATIONS)
@@ -146,11 +146,11 @@ class MoEConfig:
         ):
             raise ValueError(f"parallelism must be 'adaptive' or an int r >= 0, got {self.parallelism!r}")
         if self.pipeline_degree != "adaptive":
-            _positive_int("pipeline_degree", self.pipeline_degree)
+            positive_int("pipeline_degree", self.pipeline_degree)
         _choice("all_to_all", self.all_to_all, ("auto", *ALL_TO_ALL_ALGORITHMS))
         if self.local_world_size is not None:
-            _positive_int("local_world_size", self.local_world_size)
-        _number("expert_bias_update_rate", self.expert_bias_update_rate, at_least=0)
+            positive_int("local_world_size", self.local_world_size)
+        finite_number("expert_bias_update_rate", self.expert_bias_update_rate, at_least=0)
         _flag("shared_expert_gate", self.shared_expert_gate)
         if (
             isinstance(self.shared_hidden_dim, bool)
@@ -164,7 +164,7 @@ class MoEConfig:
             raise ValueError("shared_expert_gate=True needs a shared expert (shared_hidden_dim > 0)")
         self.routing()  # validates the routing fields
         if self.eval_capacity_factor is not None:
-            _number("eval_capacity_factor", self.eval_capacity_factor)
+            finite_number("eval_capacity_factor", self.eval_capacity_factor)
 
     def routing(self, *, training: bool = True) -> RoutingConfig:
         cf = self.capacity_factor

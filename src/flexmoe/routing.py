@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from flexmoe.config import RoutingConfig
+from flexmoe.config import RoutingConfig, finite_number, positive_int
 
 
 @dataclass(frozen=True)
@@ -249,8 +249,7 @@ def routing_from_topk(
     Dropless by default (capacity_factor 0); with a capacity, priority is (choice j, token position)
     as in `route`. The weights stay differentiable (the router's gradient flows through them); the
     plan's aux_loss is zero (the outside router owns its balancing losses)."""
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+    positive_int("num_experts", num_experts)
     if not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2:
         raise ValueError(f"top_k_index must be a [T, k] tensor, got {_shape_of(top_k_index)}")
     if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
@@ -262,8 +261,7 @@ def routing_from_topk(
         )
     if not top_k_weights.is_floating_point():
         raise ValueError(f"top_k_weights must be floating point, got dtype {top_k_weights.dtype}")
-    if not math.isfinite(capacity_factor):
-        raise ValueError(f"capacity_factor must be finite, got {capacity_factor}")
+    finite_number("capacity_factor", capacity_factor)
     if top_k_index.shape[1] == 0:
         raise ValueError("top_k_index must hold at least one choice per token (k >= 1)")
     experts_TK = top_k_index.long()

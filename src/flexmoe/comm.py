@@ -33,6 +33,7 @@ __all__ = [
     "WeakGroup",
     "all_gather_shards",
     "all_to_all",
+    "max_over_ranks",
 ]
 
 
@@ -89,6 +90,17 @@ def _comm_device(group: ProcessGroup, device: torch.device | str | None) -> torc
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def max_over_ranks(values, group: ProcessGroup | None = None, *, device=None):
+    """Element-wise MAX over the group of floats (a list, or nested lists of equal lengths): the
+    slowest rank's time, the same on every rank. One all-reduce; a single process gets `values` back."""
+    group = _default_group(group)
+    if group is None or dist.get_world_size(group) == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device(group, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
 
 
 class WeakGroup:

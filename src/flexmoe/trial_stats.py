@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from flexmoe.comm import max_over_ranks
+
 # the median absolute deviation times this estimates a normal distribution's standard deviation
 MAD_TO_SIGMA = 1.4826
 
@@ -80,11 +82,7 @@ def agree(summaries: list[Summary], group, device=None) -> list[Summary]:
 
 def agree_value(value: float, group, device=None) -> float:
     """MAX over the group of one float (e.g. the median of the chosen plan's recent checks)."""
-    if not _distributed(group):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t.item())
+    return float(max_over_ranks([value], group, device=device)[0]) if _distributed(group) else value
 
 
 def _distributed(group) -> bool:

@@ -41,7 +41,7 @@ from flexmoe.bench.in_model import (
     summarize_stationary,
     summarize_totals,
 )
-from flexmoe.comm import ExpertGroups
+from flexmoe.comm import ExpertGroups, max_over_ranks
 from flexmoe.cost_fit import spearman
 from flexmoe.cost_model import PRESETS, ClusterSpec, CostModel, LayerShape, candidate_plans
 
@@ -118,9 +118,8 @@ def _median_steps(layer: MoELayer, x: torch.Tensor, plans: list[Plan], *, warmup
             layer(x, plan=plan).square().mean().backward()
             if i >= warmup:
                 times[plan].append(time.perf_counter() - start)
-    medians = torch.tensor([statistics.median(times[p]) for p in plans], dtype=torch.float64)
-    dist.all_reduce(medians, op=dist.ReduceOp.MAX)
-    return dict(zip(plans, medians.tolist(), strict=True))
+    medians = max_over_ranks([statistics.median(times[p]) for p in plans])
+    return dict(zip(plans, medians, strict=True))
 
 
 def calibrate(groups: ExpertGroups, *, threads: int) -> ClusterSpec:
@@ -134,9 +133,7 @@ def calibrate(groups: ExpertGroups, *, threads: int) -> ClusterSpec:
             start = time.perf_counter()
             groups.all_to_all_start(buf, "flat").wait()
             times.append(time.perf_counter() - start)
-        t = torch.tensor([statistics.median(times[2:])], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
+        return max_over_ranks([statistics.median(times[2:])])[0]
 
     small, large = a2a_seconds(1024), a2a_seconds(4 * 1024 * 1024)
     moved = 4 * 4 * 1024 * 1024 * (groups.world_size - 1) / groups.world_size
@@ -162,9 +159,7 @@ def calibrate(groups: ExpertGroups, *, threads: int) -> ClusterSpec:
     kernel_s = time.perf_counter() - start
     # the layers check at construction that every rank has the same cluster figures (they decide
     # which candidates the tuners walk): the local timings are agreed, MAX over ranks (slowest rank)
-    local = torch.tensor([gemm_s, copy_s, kernel_s], dtype=torch.float64)
-    dist.all_reduce(local, op=dist.ReduceOp.MAX)
-    gemm_s, copy_s, kernel_s = local.tolist()
+    gemm_s, copy_s, kernel_s = max_over_ranks([gemm_s, copy_s, kernel_s])
     flops = 10 * 2 * 512**3 / gemm_s
     memory_bandwidth = 10 * 2 * big.numel() * 4 / copy_s  # read + write
     kernel_overhead = kernel_s / 1000

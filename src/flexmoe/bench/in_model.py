@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe import MoELayer, Plan
+from flexmoe.comm import max_over_ranks
 from flexmoe.cost_fit import spearman
 from flexmoe.tuner import EXPLORE, TunerConfig
 
@@ -105,9 +106,7 @@ def compare(
             times[v][i] = _step(adaptive if plan is None else static, x, plan)
             if plan is None and any(m.last_plan.source == EXPLORE for m in adaptive.moes):
                 exploring_rounds.append(i)
-    agreed = torch.tensor(times, dtype=torch.float64)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-    times = agreed.tolist()
+    times = max_over_ranks(times)
     return {
         "times": {
             ("adaptive" if p is None else p.describe()): t for p, t in zip(variants, times, strict=True)

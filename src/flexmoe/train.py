@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from flexmoe import cli_args
 from flexmoe.bench.common import write_json
 from flexmoe.checkpoint import load_checkpoint, read_extra, save_checkpoint
+from flexmoe.config import positive_int
 from flexmoe.cpu_memory import retain_freed_memory
 from flexmoe.data import DataSplit, load_split
 from flexmoe.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
@@ -75,9 +76,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "stop_after", "max_steps_per_epoch"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 2):
             raise ValueError(f"limit must be an integer >= 2, got {self.limit!r}")
         checks = {

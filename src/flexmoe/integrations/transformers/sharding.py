@@ -14,9 +14,9 @@ leaves them out of DDP's all-reduce; their gradient is that of the sum of all ra
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from flexmoe.comm import all_gather_shards
 from flexmoe.integrations.transformers.backend import (
     BACKEND_NAME,
     check_supported,
@@ -107,7 +107,7 @@ def shard_experts(model: nn.Module, *, group=None, **layer_options) -> nn.Module
 
 def _gather_shards(layer: MoELayer) -> list[dict[str, torch.Tensor]]:
     """Every rank's shard of the four expert tensors, in rank order (zeros for absent biases)."""
-    L, experts = layer.layout, layer.experts
+    experts = layer.experts
     local = {}
     for key in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
         p = getattr(experts, key)
@@ -115,14 +115,13 @@ def _gather_shards(layer: MoELayer) -> list[dict[str, torch.Tensor]]:
             ref = experts.fc1_weight if key == "fc1_bias" else experts.fc2_weight
             p = ref.new_zeros(ref.shape[0], ref.shape[-1])
         local[key] = p.detach().contiguous()
-    if L.world_size == 1:
-        return [local]
-    gathered = {}
-    for key, t in local.items():
-        parts = [torch.empty_like(t) for _ in range(L.world_size)]
-        dist.all_gather(parts, t, group=layer.group)
-        gathered[key] = parts
-    return [{key: gathered[key][r] for key in local} for r in range(L.world_size)]
+    # one all-gather of the four flattened together, as the plans gather weights (strategies)
+    sizes = [t.numel() for t in local.values()]
+    rows_W = all_gather_shards(torch.cat([t.reshape(-1) for t in local.values()]), layer.groups.group)
+    return [
+        {key: part.view_as(t) for (key, t), part in zip(local.items(), row.split(sizes), strict=True)}
+        for row in rows_W
+    ]
 
 
 @torch.no_grad()

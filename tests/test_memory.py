@@ -137,7 +137,7 @@ def test_expert_parallel_step_saves_rows_and_pre_activations_only():
         routing = route(layer.gate(x), layer.config.routing(training=True), training=True)
         routing = routing.padded_to(strategy.capacity_multiple)
         run.N = int(routing.kept_E.sum())
-        return strategy(x, routing, is_postscore=True)
+        return strategy(x, routing, is_postscore=True)[0]
 
     saved = _saved_bytes(layer, x, run)
     bound = run.N * (2 * MB + HB) * 4 + _routing_bound(run.N)

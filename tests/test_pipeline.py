@@ -56,7 +56,7 @@ def test_only_filled_rows_are_multiplied_and_results_match(d, monkeypatch):
         return real_forward(x_RM, weights, sizes)
 
     monkeypatch.setattr(pipeline, "ffn_forward", counting_forward)
-    ret = pipelined_expert_exchange(
+    ret, _ = pipelined_expert_exchange(
         send, filled_LC.unsqueeze(0), w, ExpertGroups(None), d=d, algorithm="flat"
     )
     assert sum(rows_multiplied) == int(kept.sum()) and len(rows_multiplied) == d

@@ -6,6 +6,7 @@ Legend: T tokens (all leading dims of x flattened), M model dim, E experts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import struct
 import time
@@ -453,9 +454,13 @@ class MoELayer(nn.Module):
             plan, strategy = self._strategy(plan)
             routing = routing.padded_to(strategy.capacity_multiple)
             x_in = x_TM.to(compute_dtype)
-            y_TM = strategy(x_in, routing, is_postscore=self.config.is_postscore, dtype=compute_dtype)
-            if self.shared_experts is not None:
-                y_TM = y_TM + self.shared_experts(x_in)
+            # the shared experts run beside the routed ones: overlapped with the all-to-all where there is one
+            shared = None if self.shared_experts is None else functools.partial(self.shared_experts, x_in)
+            y_TM, shared_TM = strategy(
+                x_in, routing, is_postscore=self.config.is_postscore, dtype=compute_dtype, beside=shared
+            )
+            if shared_TM is not None:
+                y_TM = y_TM + shared_TM
         if trial is not None:
             self._trial_timer = time_step(
                 self.tuner, trial, forward_s=clock() - started, x=x_TM, y=y_TM, params=self.parameters()

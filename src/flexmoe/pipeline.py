@@ -15,11 +15,18 @@ accumulating the weight gradients chunk by chunk. Results do not depend on d.
 Capacity slots that no token filled are never multiplied: the filled rows of every (sender, local
 expert, chunk) are a prefix (routing fills slots in order), so the senders' row counts, exchanged by
 one small all-to-all started together with the data chunks, say exactly which received rows to pack.
+
+Other work can run beside the exchange (`beside`: the layer's shared experts): StartExchange starts the
+chunks, the work runs, PipelinedExpertExchange waits; in backward the engine runs the work's backward
+between PipelinedExpertExchange.backward starting the gradient chunks and StartExchange.backward
+waiting for them (tests/test_shared_overlap.py records that order).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -70,16 +77,80 @@ class FilledRows:
         return rows.index_copy_(0, self.index, packed_NM)
 
 
+class Exchange:
+    """The all-to-alls in flight between StartExchange and PipelinedExpertExchange (forward: the counts
+    and the inbound chunks; backward: the outbound gradient chunks): a plain object, not a tensor."""
+
+    def __init__(self):
+        self.shape = self.counts = self.inbound = self.outbound = None
+
+    def start(self, send_WLCM, filled_WLd, groups, d: int, algorithm: str) -> Exchange:
+        self.shape = send_WLCM.shape
+        self.counts = groups.all_to_all_start(filled_WLd, "flat")
+        self.inbound = [groups.all_to_all_start(chunk, algorithm) for chunk in _chunks(send_WLCM, d)]
+        return self
+
+    def take_inbound(self):
+        counts, inbound = self.counts, self.inbound
+        self.counts = self.inbound = None  # the received chunks need not outlive the forward
+        return counts, inbound
+
+    def finish_outbound(self) -> torch.Tensor:
+        outbound, self.outbound = self.outbound, None
+        return _finish(outbound)
+
+
+def _finish(handles) -> torch.Tensor:
+    return torch.cat([handle.wait() for handle in handles], dim=2)
+
+
+class StartExchange(torch.autograd.Function):
+    """Starts the exchange so that other work (the shared experts) runs while the chunks are in
+    flight. Its backward waits for the gradient chunks PipelinedExpertExchange.backward started: the
+    engine runs ready nodes latest-created first, so the work created between the two runs before."""
+
+    @staticmethod
+    @amp_forward(cast_inputs=True)  # what travels is in the autocast dtype
+    def forward(ctx, send_WLCM, filled_WLd, exchange: Exchange, groups, d: int, algorithm: str):
+        ctx.exchange = exchange.start(send_WLCM, filled_WLd, groups, d, algorithm)
+        return send_WLCM.new_empty(0)  # a token: PipelinedExpertExchange's input, for the graph's order
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, _grad_token):
+        return ctx.exchange.finish_outbound(), None, None, None, None, None
+
+
 class PipelinedExpertExchange(torch.autograd.Function):
+    """`send_or_token`: the send buffer, or, with `exchange` (started by StartExchange), its token."""
+
     @staticmethod
     @amp_forward(cast_inputs=True)  # tokens and weights in the autocast dtype: what travels is low precision
-    def forward(ctx, send_WLCM, filled_WLd, w1, b1, w2, b2, groups, d: int, algorithm: str, activation: str):
-        W, L, Cp, M = send_WLCM.shape
+    def forward(
+        ctx,
+        send_or_token,
+        exchange,
+        filled_WLd,
+        w1,
+        b1,
+        w2,
+        b2,
+        groups,
+        d: int,
+        algorithm: str,
+        activation: str,
+    ):
+        # StartExchange's node (None: no gradient flows to it), whose backward waits for the gradient
+        # chunks this backward starts; the token is already in the autocast dtype, so not recast here
+        ctx.started = exchange is not None
+        ctx.start_node = send_or_token.grad_fn if ctx.started else None
+        if not ctx.started:
+            exchange = Exchange().start(send_or_token, filled_WLd, groups, d, algorithm)
+        W, L, Cp, M = exchange.shape
         assert Cp % d == 0, "capacity must be padded to a multiple of d"
         c = Cp // d
         weights = ExpertWeights(w1, b1, w2, b2, activation)
-        counts = groups.all_to_all_start(filled_WLd, "flat")
-        inbound = [groups.all_to_all_start(chunk, algorithm) for chunk in _chunks(send_WLCM, d)]
+        counts, inbound = exchange.take_inbound()
         received_WLd = counts.wait()
         filled = [FilledRows.from_counts(received_WLd[:, :, i], c) for i in range(d)]
         outbound, saved = [], []
@@ -89,10 +160,11 @@ class PipelinedExpertExchange(torch.autograd.Function):
             saved += [x_NM, hpre]  # the activation is recomputed from hpre in backward
             y_RM = rows.unpack(y_NM, L * W * c)
             outbound.append(groups.all_to_all_start(_from_flexible(y_RM, W, L, c), algorithm))
-        ret = torch.cat([handle.wait() for handle in outbound], dim=2)
+        ret = _finish(outbound)
         ctx.save_for_backward(w1, b1, w2, b2, *saved)
         ctx.groups, ctx.d, ctx.algorithm, ctx.activation = groups, d, algorithm, activation
         ctx.shape, ctx.filled = (W, L, c), filled
+        ctx.exchange = exchange
         return ret
 
     @staticmethod
@@ -102,7 +174,7 @@ class PipelinedExpertExchange(torch.autograd.Function):
         weights = ExpertWeights(w1, b1, w2, b2, ctx.activation)
         W, L, c = ctx.shape
         needs = ctx.needs_input_grad
-        need_weights = any(needs[2:6])
+        need_weights = any(needs[3:7])
         inbound = [ctx.groups.all_to_all_start(g, ctx.algorithm) for g in _chunks(grad_ret_WLCM, ctx.d)]
         outbound = []
         totals = None
@@ -118,6 +190,7 @@ class PipelinedExpertExchange(torch.autograd.Function):
                 need_weight_grads=need_weights,
             )
             grad_x_RM = rows.unpack(grads.x_RM, L * W * c)
+            # every rank sends its share whether or not it needs the result: the exchange is collective
             outbound.append(ctx.groups.all_to_all_start(_from_flexible(grad_x_RM, W, L, c), ctx.algorithm))
             if need_weights:
                 parts = (grads.w1_GMX, grads.b1_GX, grads.w2_GHM, grads.b2_GM)
@@ -126,9 +199,16 @@ class PipelinedExpertExchange(torch.autograd.Function):
                     if totals is None
                     else tuple(None if t is None else t.add_(p) for t, p in zip(totals, parts, strict=True))
                 )
-        grad_send = torch.cat([handle.wait() for handle in outbound], dim=2)
         gw1, gb1, gw2, gb2 = totals if totals is not None else (None,) * 4
-        return grad_send if needs[0] else None, None, gw1, gb1, gw2, gb2, None, None, None, None
+        start = ctx.start_node
+        if start is not None and torch._C._will_engine_execute_node(start):
+            # StartExchange.backward waits, after the nodes created between the two (shared experts)
+            ctx.exchange.outbound = outbound
+            grad_first = grad_ret_WLCM.new_zeros(0)
+        else:  # no StartExchange, or this backward does not reach it: wait here
+            grad_send = _finish(outbound)
+            grad_first = grad_send if needs[0] and not ctx.started else None
+        return grad_first, None, None, gw1, gb1, gw2, gb2, None, None, None, None
 
 
 def pipelined_expert_exchange(
@@ -139,14 +219,23 @@ def pipelined_expert_exchange(
     *,
     d: int,
     algorithm: str,
-):
-    """Differentiable: send buffer [W, L, Cp, M] -> the experts' outputs back at the senders, same shape.
-    filled_WLC (bool [W, L, Cp]) marks the rows that hold a token: a prefix of every (w, l) block, the
-    rows the receiving experts multiply; the other rows come back as zeros."""
+    beside: Callable[[], Any] | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """Differentiable: send buffer [W, L, Cp, M] -> (the experts' outputs back at the senders, same
+    shape; beside()). filled_WLC (bool [W, L, Cp]) marks the rows that hold a token: a prefix of every
+    (w, l) block, the rows the receiving experts multiply; the other rows come back as zeros.
+    `beside` (other work, e.g. the shared experts) runs while the chunks are in flight, and its
+    backward while the gradient chunks travel back; None: nothing runs beside, no extra node."""
     W, L, Cp = filled_WLC.shape
     filled_WLd = filled_WLC.view(W, L, d, Cp // d).sum(-1)  # per chunk
-    return PipelinedExpertExchange.apply(
-        send_WLCM.contiguous(),
+    first, exchange, side = send_WLCM.contiguous(), None, None
+    if beside is not None:
+        exchange = Exchange()  # started by StartExchange.forward
+        first = StartExchange.apply(first, filled_WLd, exchange, groups, d, algorithm)
+        side = beside()
+    ret = PipelinedExpertExchange.apply(
+        first,
+        exchange,
         filled_WLd,
         weights.w1_GMX,
         weights.b1_GX,
@@ -157,3 +246,4 @@ def pipelined_expert_exchange(
         algorithm,
         weights.activation,
     )
+    return ret, side

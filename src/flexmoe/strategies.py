@@ -10,6 +10,9 @@ all-gather it into temporaries whose backward reduce-scatters onto the shards (Z
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -97,9 +100,13 @@ class LocalStrategy:
         *,
         is_postscore: bool,
         dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
-        """`dtype`: the expert compute dtype (x_TM's dtype when None; the layer passes autocast's)."""
-        return run_packed(x_TM, routing, self.weights(dtype or x_TM.dtype), is_postscore=is_postscore)
+        beside: Callable[[], Any] | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """(the routed experts' output, beside()). `dtype`: the expert compute dtype (x_TM's dtype when
+        None; the layer passes autocast's). `beside`: other work (the shared experts); here, with no
+        exchange to overlap, it simply runs after the experts."""
+        y_TM = run_packed(x_TM, routing, self.weights(dtype or x_TM.dtype), is_postscore=is_postscore)
+        return y_TM, None if beside is None else beside()
 
 
 class ExpertParallelStrategy:
@@ -137,7 +144,10 @@ class ExpertParallelStrategy:
         *,
         is_postscore: bool,
         dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
+        beside: Callable[[], Any] | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """(the routed experts' output, beside()); `beside` runs while the tokens are in flight, and its
+        backward while their gradients are (pipeline.pipelined_expert_exchange)."""
         layout, r = self.experts.layout, self.plan.r
         W, E, Cb = layout.world_size, layout.num_experts, routing.buffer_capacity
         buffer_ECM = dispatch(x_TM, routing, is_postscore=is_postscore)
@@ -145,16 +155,17 @@ class ExpertParallelStrategy:
         if r > 1:  # every block of hidden columns sees every token
             buffer_ECM, filled_EC = buffer_ECM.repeat(1, r, 1), filled_EC.repeat(1, r)
         L, M = layout.local_experts, layout.model_dim
-        ret = pipelined_expert_exchange(
+        ret, side = pipelined_expert_exchange(
             buffer_ECM.view(W, L, -1, M),
             filled_EC.view(W, L, -1),
             self.weights(dtype or x_TM.dtype),
             self.groups,
             d=self.plan.d,
             algorithm=self.plan.all_to_all,
+            beside=beside,
         )
         ret_ECM = ret.view(E, r, Cb, M).sum(1) if r > 1 else ret.view(E, Cb, M)
-        return combine(ret_ECM, routing, is_postscore=is_postscore)
+        return combine(ret_ECM, routing, is_postscore=is_postscore), side
 
 
 def build_strategy(plan: Plan, experts: Experts, groups: ExpertGroups):

@@ -29,6 +29,20 @@ def test_swin_benchmark_quick(tmp_path):
     assert payload["results"][0]["train_speedup"] > 0
 
 
+@pytest.mark.parametrize("rounds", [6, 7, 8, 180])
+def test_drift_phases_split_the_run_as_the_totals_do(rounds):
+    from flexmoe.bench.dist import DRIFTING, drift_schedule
+    from flexmoe.bench.in_model import Phase, summarize_totals
+
+    phases = (Phase(), Phase(skew=1.0, tokens=64), Phase(tokens=8))
+    schedule = drift_schedule(rounds, phases)
+    times = {"adaptive": [float(phases.index(schedule(i))) for i in range(rounds)], "static": [1.0] * rounds}
+    totals = summarize_totals({"times": times, "decisions": []}, phases=3)
+    # every round of the k-th third reports phase k (its median is k)
+    assert [m["adaptive"] for m in totals["phase_median_ms"]] == [0.0, 1000.0, 2000.0]
+    assert all(len(d.phases) == 3 for d in DRIFTING)
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     # per-round ratios 1, 2, 3 -> 2; the ratio of the medians (3 / 1) would say 3
     assert paired_ratio([1.0, 10.0, 3.0], [1.0, 5.0, 1.0]) == 2.0

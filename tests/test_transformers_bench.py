@@ -26,8 +26,11 @@ def test_hf_benchmark_quick(tmp_path):
     ]
     payload = bench_hf([*args, "--repeats", "1", "--warmup", "0", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert [r["backend"] for r in saved["results"]] == ["flexmoe", "eager", "grouped_mm"]
-    for row in payload["results"]:
+    assert [r["backend"] for r in saved["results"]] == ["flexmoe", "eager", "grouped_mm", "gemm floor"]
+    *backends, floor = payload["results"]
+    assert floor["experts_ms"] > 0
+    for row in backends:
         assert row["step_ms"] > 0 and row["experts_ms"] > 0 and row["flexmoe_step_speedup"] > 0
+        assert row["experts_over_gemm_floor"] > 0 and row["step_speedup_bound"] > 0
     with pytest.raises(SystemExit):
         bench_hf(["--quick", "--dtypes", "fp64"])

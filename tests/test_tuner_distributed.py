@@ -114,7 +114,14 @@ def test_a_resumed_run_does_not_explore_known_buckets(pool, tmp_path):
 
 
 def in_model_worker() -> dict:
-    from flexmoe.bench.in_model import compare, exploration_report, summarize_stationary, summarize_totals
+    from flexmoe.bench.dist import drift_schedule
+    from flexmoe.bench.in_model import (
+        Phase,
+        compare,
+        exploration_report,
+        summarize_stationary,
+        summarize_totals,
+    )
     from flexmoe.cost_model import PRESETS
 
     result = compare(
@@ -130,7 +137,8 @@ def in_model_worker() -> dict:
         cluster=PRESETS["cpu-gloo"],
         local_world_size=None,
         degrees=(1, 2),
-        skew_schedule=lambda i: 0.5 if i >= 3 else 0.0,
+        # the second half: skewed routing and twice the tokens (a new capacity bucket)
+        schedule=drift_schedule(6, (Phase(), Phase(skew=0.5, tokens=64))),
     )
     layer_times = {"r=0 d=1 flat": 1.0, "r=1 d=1 flat": 2.0, "r=1 d=2 flat": 3.0}
     return {
@@ -139,6 +147,7 @@ def in_model_worker() -> dict:
         "exploration": exploration_report(result),
         "capacities": result["capacities"],
         "times": result["times"],
+        "steps": result["adaptive_steps"],
     }
 
 
@@ -151,6 +160,10 @@ def test_in_model_benchmark_runs_and_agrees_across_ranks(pool):
     assert first["stationary"]["best_static"] in first["times"]
     assert first["exploration"]["steps"] == 6
     assert first["totals"]["adaptive_vs_best"] > 0
+    # per round, per layer (plan, capacity, source); 32 tokens then 64 skewed ones: the capacity grows
+    capacities = [[capacity for _, capacity, _ in layers] for layers in first["steps"]]
+    assert len(capacities) == 6 and all(len(c) == 2 for c in capacities)
+    assert max(capacities[0]) <= 16 < max(capacities[-1]) <= 32  # cf = -2: at most 2 T k / E
 
 
 def tune_worker(out: str) -> dict:

@@ -35,6 +35,7 @@ from flexmoe.bench.common import (
     write_json,
 )
 from flexmoe.bench.in_model import (
+    Phase,
     compare,
     exploration_report,
     rank_correlation,
@@ -75,22 +76,32 @@ WORKLOADS = (
 QUICK = tuple(
     replace(w, tokens=max(64, w.tokens // 16), hidden_dim=w.hidden_dim // 4) for w in WORKLOADS[::3]
 )
-# The drifting workload: balanced, skewed, balanced (thirds of the run), k = 1, dynamic capacity.
+
+
+# The drifting workloads: balanced, skewed, balanced (thirds of the run), k = 1, dynamic capacity.
 # The best plan must really change between phases, and by a wide margin:
 # - balanced: each rank's share of the expert GEMMs is the same in every plan, so r = 0 only adds the
 #   all-gather of every expert's weights (and the reduce-scatter of their gradients), which large
-#   experts (H = 32 M) make costly next to the few tokens: expert parallel r = 1 wins;
+#   experts (H = 32 M) make costly next to few tokens: expert parallel r = 1 wins;
 # - skewed (skew 1.0 sends all tokens to expert 0, capacity = T, a new bucket): under r = 1 the rank
 #   holding expert 0 multiplies the W * T rows of every rank while the others wait, r = 0 keeps each
 #   rank's GEMMs on its own T rows: r = 0 wins.
-# The balance point is the weight-gather time against one rank's GEMMs (~ tokens); T = 448 puts it
-# in between, so that on a 2-core gloo machine at W = 2 each phase's best plan beats the other phase's
-# by ~1.25-1.4x (measured per phase, 3 layers). At W = 2 the product of the two margins is bounded by
-# the imbalance, (2 GEMMs + dense) / (1 GEMM + dense) < 2, so neither can be much wider than ~1.4x;
-# at W = 4 the hot rank has 4x the rows and the margins widen. M = 128 keeps the dense work between
-# the MoE layers (an MLP of width 2 M) small next to the experts, so it dilutes the margins little.
-DRIFTING = DistWorkload(
-    name="drifting skew (cf < 0)",
+# With the skew alone (T = 448 throughout, the balance point of the weight gather against one rank's
+# GEMMs) each phase's best plan beats the other's by only ~1.25-1.3x on a 2-core gloo machine at W = 2:
+# the margins multiply to at most (2 GEMMs + dense) / (1 GEMM + dense) < 2. Real runs also change the
+# number of tokens per step (sequence-length or batch-size schedules); the second workload couples
+# the skew with it: few tokens while balanced (the weight gather dominates, r = 0 is ~2x slower),
+# many while skewed (the hot rank's GEMMs dominate, r = 1 is ~1.7x slower).
+# M = 128 keeps the dense work between the MoE layers (an MLP of width 2 M) small next to the experts.
+@dataclass(frozen=True, kw_only=True)
+class DriftingWorkload:
+    name: str
+    workload: DistWorkload
+    phases: tuple[Phase, ...]  # equal parts of the run, in order
+
+
+_DRIFT_SHAPE = DistWorkload(
+    name="drift",
     model_dim=128,
     hidden_dim=4096,
     experts_per_rank=1,
@@ -98,13 +109,25 @@ DRIFTING = DistWorkload(
     top_k=1,
     capacity_factor=-4.0,
 )
-DRIFT_SKEW = 1.0
+DRIFTING = (
+    DriftingWorkload(
+        name="drifting skew (cf < 0)",
+        workload=_DRIFT_SHAPE,
+        phases=(Phase(), Phase(skew=1.0), Phase()),
+    ),
+    DriftingWorkload(
+        name="drifting skew and tokens (cf < 0)",
+        workload=_DRIFT_SHAPE,
+        phases=(Phase(tokens=128), Phase(skew=1.0, tokens=512), Phase(tokens=128)),
+    ),
+)
 DEGREES = (1, 2, 4)  # d = 8 never paid on this kind of machine; fewer variants, shorter runs
 
 
-def drift_schedule(rounds: int, skew: float = DRIFT_SKEW):
-    """Balanced, skewed, balanced: thirds of the run."""
-    return lambda i: skew if rounds // 3 <= i < 2 * rounds // 3 else 0.0
+def drift_schedule(rounds: int, phases: tuple[Phase, ...]):
+    """round -> its phase: the run split into len(phases) equal parts (as summarize_totals splits it)."""
+    n = len(phases)
+    return lambda i: phases[max(k for k in range(n) if k * rounds // n <= i)]
 
 
 def _median_steps(layer: MoELayer, x: torch.Tensor, plans: list[Plan], *, warmup: int, repeats: int):
@@ -192,7 +215,7 @@ def _layer_shape(w: DistWorkload, W: int, capacity: int) -> LayerShape:
     )
 
 
-def _in_model(w: DistWorkload, W: int, cluster, local_world_size, *, layers: int, rounds: int, skew=None):
+def _in_model(w: DistWorkload, W: int, cluster, local_world_size, *, layers: int, rounds: int, schedule=None):
     E = w.num_experts(W)
     plans = candidate_plans(_layer_shape(w, W, 1), two_dh=local_world_size is not None, degrees=DEGREES)
     plans = [p for p in plans if p.all_to_all == "flat" or (local_world_size and 1 < local_world_size < W)]
@@ -209,7 +232,7 @@ def _in_model(w: DistWorkload, W: int, cluster, local_world_size, *, layers: int
         cluster=cluster,
         local_world_size=local_world_size,
         degrees=DEGREES,
-        skew_schedule=skew,
+        schedule=schedule,
     )
 
 
@@ -222,6 +245,7 @@ def run(
     layers: int,
     rounds: int,
     drift_rounds: int,
+    drifting_workloads: tuple[DriftingWorkload, ...] = DRIFTING,
 ) -> dict:
     W, rank = dist.get_world_size(), dist.get_rank()
     threads = torch.get_num_threads()
@@ -308,26 +332,36 @@ def run(
                 ),
                 flush=True,
             )
-    drift = None
-    if drift_rounds:
+    drifts = []
+    for drifting in drifting_workloads if drift_rounds else ():
         result = _in_model(
-            DRIFTING,
+            drifting.workload,
             W,
             cluster,
             local_world_size,
             layers=layers,
             rounds=drift_rounds,
-            skew=drift_schedule(drift_rounds),
+            schedule=drift_schedule(drift_rounds, drifting.phases),
         )
-        drift = {"workload": DRIFTING.name, "W": W, **summarize_totals(result), **exploration_report(result)}
+        drift = {
+            "workload": drifting.name,
+            "W": W,
+            "phases": [asdict(p) for p in drifting.phases],
+            **summarize_totals(result, phases=len(drifting.phases)),
+            **exploration_report(result),
+            "round_ms": {name: [t * 1e3 for t in times] for name, times in result["times"].items()},
+            "adaptive_steps": result["adaptive_steps"],
+            "tuner_tables": result["tables"],
+        }
+        drifts.append(drift)
         if rank == 0:
             print(
-                f"done: {DRIFTING.name}: adaptive {drift['adaptive_total_s']:.2f} s vs best static "
+                f"done: {drifting.name}: adaptive {drift['adaptive_total_s']:.2f} s vs best static "
                 f"{drift['best_static']} {drift['best_static_total_s']:.2f} s "
                 f"({drift['adaptive_vs_best']:.3f}x)",
                 flush=True,
             )
-    return {"rows": rows, "adaptive": adaptive_rows, "drifting": drift, "cluster": asdict(cluster)}
+    return {"rows": rows, "adaptive": adaptive_rows, "drifting": drifts, "cluster": asdict(cluster)}
 
 
 ADAPTIVE_COLUMNS = (
@@ -378,6 +412,11 @@ def drift_phase_rows(drift: dict) -> list[dict]:
     return rows
 
 
+def _pick(items: tuple, indices: str | None) -> tuple:
+    """`indices`: comma-separated positions in `items`; None or '': all of them."""
+    return tuple(items[int(i)] for i in indices.split(",")) if indices else items
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="flexmoe bench dist", description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -396,10 +435,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--drift-rounds",
         type=int,
-        default=180,
-        help="rounds of the drifting workload, in three phases (0: skip it)",
+        default=240,
+        help="rounds of each drifting workload, in three phases (0: skip them)",
     )
-    parser.add_argument("--workloads", default=None, help="comma-separated indices into the workload list")
+    parser.add_argument(
+        "--drifts", default=None, help="comma-separated indices into the drifting workloads (default: all)"
+    )
+    parser.add_argument(
+        "--workloads",
+        default=None,
+        help="comma-separated indices into the workload list ('none': the drifting workloads only)",
+    )
     parser.add_argument("--out", default=None)
     add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)
@@ -414,8 +460,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // W))
     local = args.local_world_size or (W // 2 if W >= 4 else None)
     workloads = QUICK if args.quick else WORKLOADS
-    if args.workloads:
-        workloads = tuple(workloads[int(i)] for i in args.workloads.split(","))
+    workloads = () if args.workloads == "none" else _pick(workloads, args.workloads)
     result = run(
         workloads,
         warmup=args.warmup,
@@ -424,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         layers=min(args.layers, 2) if args.quick else args.layers,
         rounds=min(args.rounds, 24) if args.quick else args.rounds,
         drift_rounds=min(args.drift_rounds, 30) if args.quick else args.drift_rounds,
+        drifting_workloads=_pick(DRIFTING, args.drifts),
     )
     payload = None
     if dist.get_rank() == 0:
@@ -448,8 +494,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         if result["adaptive"]:
             print(format_table(result["adaptive"], ADAPTIVE_COLUMNS))
         if result["drifting"]:
-            print(format_table([result["drifting"]], DRIFT_COLUMNS))
-            phase_rows = drift_phase_rows(result["drifting"])
+            print(format_table(result["drifting"], DRIFT_COLUMNS))
+        for drift in result["drifting"]:
+            phase_rows = drift_phase_rows(drift)
+            print(drift["workload"])
             print(format_table(phase_rows, list(phase_rows[0])))
         payload = {
             "environment": environment(

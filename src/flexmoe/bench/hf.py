@@ -107,6 +107,33 @@ def _steps(name: str, model, optimizer, ids, experts, experts_inputs, grad):
     return train_step, experts_step
 
 
+def gemm_floor_step(config: dict, top_i: torch.Tensor, dtype: torch.dtype, device):
+    """The experts' GEMMs alone, forward + backward, on the rows the routing gives each expert (one
+    mm per expert and GEMM, inputs made up front): what any experts backend must at least spend,
+    element-wise work (activation, gating, gather/scatter) and the weights' gradient sums left out."""
+    M, I, E = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    sizes = torch.bincount(top_i.reshape(-1), minlength=E).tolist()
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    per_expert = [
+        (rand(n, M), rand(M, 2 * I), rand(n, I), rand(I, M), rand(n, M), rand(n, 2 * I)) for n in sizes if n
+    ]
+
+    def step():
+        for x, w13, a, w2, grad_y, grad_h in per_expert:
+            x @ w13  # gate and up projections
+            a @ w2  # down projection
+            grad_y @ w2.t()  # backward: the down projection's input gradient
+            a.t() @ grad_y  # and its weight gradient
+            grad_h @ w13.t()  # the gate/up projections' input gradient
+            x.t() @ grad_h  # and their weight gradient
+
+    return step
+
+
 def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], requested, repeats, warmup, device):
     rows = []
     for dtype_name in dtypes:
@@ -129,7 +156,9 @@ def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], reques
                 steps[f"{name}/step"], steps[f"{name}/experts"] = _steps(
                     name, model, optimizer, ids, block.experts, (h, top_i, top_w), grad
                 )
+        steps["gemm floor/experts"] = gemm_floor_step(config, top_i, dtype, device)
         times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
+        layers = config["num_hidden_layers"]
         for name, skipped in available.items():
             row = {"dtype": dtype_name, "backend": name, "skipped": skipped}
             if not skipped:
@@ -139,7 +168,14 @@ def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], reques
                     row[f"flexmoe_{part}_speedup"] = paired_ratio(
                         times[f"{name}/{part}"], times[f"flexmoe/{part}"]
                     )
+                # no experts backend beats the GEMM floor: the largest speedup any could have over this one
+                over_floor = paired_ratio(times[f"{name}/experts"], times["gemm floor/experts"])
+                row["experts_over_gemm_floor"] = over_floor
+                spare_ms = layers * row["experts_ms"] * (1 - 1 / over_floor)
+                row["step_speedup_bound"] = row["step_ms"] / (row["step_ms"] - spare_ms)
             rows.append(row)
+        floor_ms = 1e3 * statistics.median(times["gemm floor/experts"])
+        rows.append({"dtype": dtype_name, "backend": "gemm floor", "experts_ms": floor_ms})
         print(f"done: {dtype_name}", flush=True)
     return rows
 
@@ -263,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
             "experts_ms",
             "flexmoe_step_speedup",
             "flexmoe_experts_speedup",
+            "experts_over_gemm_floor",
+            "step_speedup_bound",
             "skipped",
         )
     print(format_table(rows, columns))

@@ -5,7 +5,8 @@ order rotated each round) so that a slow spell of this shared machine hits all a
 
 A drifting workload changes the routing skew during the run (dynamic capacity, cf < 0): balanced,
 then most tokens pushed towards one expert, then balanced again, so the capacity bucket (and the
-best plan) changes twice.
+best plan) changes twice; optionally the number of tokens per step changes with it (a sequence-length
+or batch-size schedule).
 
 Step times are forward + backward of the whole model, MAX over ranks (a step is as slow as its
 slowest rank).
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -25,6 +28,14 @@ from flexmoe import MoELayer, Plan
 from flexmoe.comm import max_over_ranks
 from flexmoe.cost_fit import spearman
 from flexmoe.tuner import EXPLORE, TunerConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phase:
+    """What the model sees during one stretch of a drifting run."""
+
+    skew: float = 0.0
+    tokens: int | None = None  # per rank; None: the run's token count
 
 
 class MoEStack(nn.Module):
@@ -77,11 +88,12 @@ def compare(
     cluster,
     local_world_size: int | None,
     degrees: tuple[int, ...],
-    skew_schedule=None,
+    schedule: Callable[[int], Phase] | None = None,
 ) -> dict:
     """Interleaved rounds of the adaptive model and the model forced to each static plan.
-    skew_schedule(round) -> skew; None: no skew. Returns per-variant step times (MAX over ranks), the
-    adaptive layers' decisions, exploration summaries and their refit rankers."""
+    schedule(round) -> Phase (skew, tokens); None: no skew, `tokens` every round. Returns per-variant
+    step times (MAX over ranks), the adaptive layers' decisions, exploration summaries and their refit
+    rankers."""
     rank = dist.get_rank()
     kwargs = dict(
         top_k=top_k,
@@ -92,26 +104,32 @@ def compare(
     )
     adaptive = MoEStack(M, H, E, layers=layers, seed=11, **kwargs)
     static = MoEStack(M, H, E, layers=layers, seed=11, **{**kwargs, "tuner": False})
-    x = torch.randn(tokens, M, generator=torch.Generator().manual_seed(1000 + rank))
+    phases = [schedule(i) if schedule else Phase() for i in range(rounds)]
+    most = max(p.tokens or tokens for p in phases)
+    x_all = torch.randn(most, M, generator=torch.Generator().manual_seed(1000 + rank))
     variants: list[Plan | None] = [None, *plans]  # None: adaptive
     times = [[0.0] * rounds for _ in variants]
-    exploring_rounds = []
+    exploring_rounds, adaptive_steps = [], []
     for i in range(rounds):
-        skew = skew_schedule(i) if skew_schedule else 0.0
-        adaptive.skew = static.skew = skew
+        adaptive.skew = static.skew = phases[i].skew
+        x = x_all[: phases[i].tokens or tokens]
         order = list(range(len(variants)))
         shift = i % len(order)
         for v in order[shift:] + order[:shift]:  # round 0 starts with the adaptive model
             plan = variants[v]
             times[v][i] = _step(adaptive if plan is None else static, x, plan)
-            if plan is None and any(m.last_plan.source == EXPLORE for m in adaptive.moes):
-                exploring_rounds.append(i)
+            if plan is None:
+                records = [m.last_plan for m in adaptive.moes]
+                adaptive_steps.append([(r.plan.describe(), r.capacity, r.source) for r in records])
+                if any(r.source == EXPLORE for r in records):
+                    exploring_rounds.append(i)
     times = max_over_ranks(times)
     return {
         "times": {
             ("adaptive" if p is None else p.describe()): t for p, t in zip(variants, times, strict=True)
         },
         "exploring_rounds": exploring_rounds,
+        "adaptive_steps": adaptive_steps,  # per round, per layer: (plan, capacity, source)
         "decisions": [m.tuner.decisions for m in adaptive.moes],
         "tables": [m.tuner.table() for m in adaptive.moes],
         "exploration": [m.tuner.summary() for m in adaptive.moes],

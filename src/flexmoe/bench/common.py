@@ -70,6 +70,24 @@ def square_matmul_step(
     return (lambda: a @ b), 2 * size**3
 
 
+def matmul_rates(*, size: int = 1024, repeats: int = 5, device="cpu") -> dict[str, float]:
+    """fp32 and bf16 square matmul GFLOP/s (medians): printed beside the figures, since the bf16 rate
+    differs by 1000x between the CPUs this project runs on."""
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        step, flops = square_matmul_step(size=size, dtype=dtype, device=device)
+        step()
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        rates[f"{name}_gflops"] = flops / statistics.median(times) / 1e9
+    return rates
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -32,6 +32,7 @@ from flexmoe.bench.common import (
     apply_cpu_allocator,
     environment,
     format_table,
+    matmul_rates,
     write_json,
 )
 from flexmoe.bench.in_model import (
@@ -252,7 +253,14 @@ def run(
     probe = ExpertGroups(None, local_world_size=local_world_size)
     cluster = calibrate(probe, threads=threads)
     model = CostModel(cluster)
+    local = matmul_rates()  # the slowest rank's rates (MIN: MAX of the negated values)
+    rates = dict(zip(local, (-v for v in max_over_ranks([-v for v in local.values()])), strict=True))
     if rank == 0:
+        print(
+            f"square matmul per rank, all ranks at once: fp32 {rates['fp32_gflops']:.0f} GFLOP/s, "
+            f"bf16 {rates['bf16_gflops']:.0f} GFLOP/s",
+            flush=True,
+        )
         print(
             f"calibrated ({threads} thread(s) per rank): fp32 GEMM {cluster.flops / 1e9:.1f} GFLOP/s, "
             f"all-to-all {cluster.intra_bandwidth / 1e9:.2f} GB/s, "
@@ -361,7 +369,13 @@ def run(
                 f"({drift['adaptive_vs_best']:.3f}x)",
                 flush=True,
             )
-    return {"rows": rows, "adaptive": adaptive_rows, "drifting": drifts, "cluster": asdict(cluster)}
+    return {
+        "rows": rows,
+        "adaptive": adaptive_rows,
+        "drifting": drifts,
+        "cluster": asdict(cluster),
+        "matmul_rates": rates,
+    }
 
 
 ADAPTIVE_COLUMNS = (

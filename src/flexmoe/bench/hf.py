@@ -21,7 +21,9 @@ from flexmoe.bench.common import (
     environment,
     format_table,
     interleaved_times,
+    matmul_rates,
     paired_ratio,
+    square_matmul_step,
     write_json,
 )
 
@@ -157,10 +159,15 @@ def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], reques
                     name, model, optimizer, ids, block.experts, (h, top_i, top_w), grad
                 )
         steps["gemm floor/experts"] = gemm_floor_step(config, top_i, dtype, device)
+        for rate_dtype in DTYPES:  # the machine's matmul rates, in the same rounds
+            steps[f"square {rate_dtype}"], square_flops = square_matmul_step(
+                size=1024, dtype=DTYPES[rate_dtype], device=device
+            )
         times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
+        rates = {f"{n}_gflops": square_flops / statistics.median(times[f"square {n}"]) / 1e9 for n in DTYPES}
         layers = config["num_hidden_layers"]
         for name, skipped in available.items():
-            row = {"dtype": dtype_name, "backend": name, "skipped": skipped}
+            row = {"dtype": dtype_name, "backend": name, "skipped": skipped, **rates}
             if not skipped:
                 row["step_ms"] = 1e3 * statistics.median(times[f"{name}/step"])
                 row["experts_ms"] = 1e3 * statistics.median(times[f"{name}/experts"])
@@ -175,7 +182,7 @@ def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], reques
                 row["step_speedup_bound"] = row["step_ms"] / (row["step_ms"] - spare_ms)
             rows.append(row)
         floor_ms = 1e3 * statistics.median(times["gemm floor/experts"])
-        rows.append({"dtype": dtype_name, "backend": "gemm floor", "experts_ms": floor_ms})
+        rows.append({"dtype": dtype_name, "backend": "gemm floor", "experts_ms": floor_ms, **rates})
         print(f"done: {dtype_name}", flush=True)
     return rows
 
@@ -203,6 +210,7 @@ def two_process(
     from flexmoe.integrations.transformers import shard_experts
 
     rank, W = dist.get_rank(), dist.get_world_size()
+    rates = matmul_rates(device=device)  # every rank at once, as the steps run
     ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(rank))
     ids = ids.to(device)
     variants = {}
@@ -234,6 +242,7 @@ def two_process(
                 "world_size": W,
                 "step_ms": 1e3 * float(seconds),
                 "expert_MiB_per_rank": _expert_bytes(model, optimizer) / 2**20,
+                **rates,
             }
         )
     rows[1]["speedup"] = paired_ratio(times["ddp_grouped_mm"], times["flexmoe_sharded"])
@@ -285,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
             layer_options = dict(parallelism=r, pipeline_degree=d, all_to_all="flat")
         rows = two_process(config, layer_options=layer_options, **timing)
         columns = ("variant", "world_size", "step_ms", "expert_MiB_per_rank", "speedup", "memory_ratio")
+        columns += ("fp32_gflops", "bf16_gflops")
         if dist.get_rank() != 0:
             dist.destroy_process_group()
             return {}
@@ -301,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
             "flexmoe_experts_speedup",
             "experts_over_gemm_floor",
             "step_speedup_bound",
+            "fp32_gflops",
+            "bf16_gflops",
             "skipped",
         )
     print(format_table(rows, columns))

@@ -120,18 +120,25 @@ def gemm_floor_step(config: dict, top_i: torch.Tensor, dtype: torch.dtype, devic
     def rand(*shape):
         return torch.randn(*shape, generator=g, device=device).to(dtype)
 
-    per_expert = [
-        (rand(n, M), rand(M, 2 * I), rand(n, I), rand(I, M), rand(n, M), rand(n, 2 * I)) for n in sizes if n
-    ]
+    # every operand contiguous in the orientation its GEMM reads (transposed views can fall off the
+    # fast bf16 path on CPUs), so that no backend can beat this by a better memory layout
+    per_expert = []
+    for n in (n for n in sizes if n):
+        x, a, grad_y, grad_h = rand(n, M), rand(n, I), rand(n, M), rand(n, 2 * I)
+        w13, w2 = rand(M, 2 * I), rand(I, M)
+        per_expert.append(
+            (x, w13, a, w2, grad_y, grad_h, w2.t().contiguous(), a.t().contiguous())
+            + (w13.t().contiguous(), x.t().contiguous())
+        )
 
     def step():
-        for x, w13, a, w2, grad_y, grad_h in per_expert:
-            x @ w13  # gate and up projections
-            a @ w2  # down projection
-            grad_y @ w2.t()  # backward: the down projection's input gradient
-            a.t() @ grad_y  # and its weight gradient
-            grad_h @ w13.t()  # the gate/up projections' input gradient
-            x.t() @ grad_h  # and their weight gradient
+        for x, w13, a, w2, grad_y, grad_h, w2_t, a_t, w13_t, x_t in per_expert:
+            torch.mm(x, w13)  # gate and up projections
+            torch.mm(a, w2)  # down projection
+            torch.mm(grad_y, w2_t)  # backward: the down projection's input gradient
+            torch.mm(a_t, grad_y)  # and its weight gradient
+            torch.mm(grad_h, w13_t)  # the gate/up projections' input gradient
+            torch.mm(x_t, grad_h)  # and their weight gradient
 
     return step
 

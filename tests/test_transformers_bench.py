@@ -31,6 +31,7 @@ def test_hf_benchmark_quick(tmp_path):
     assert floor["experts_ms"] > 0
     for row in backends:
         assert row["step_ms"] > 0 and row["experts_ms"] > 0 and row["flexmoe_step_speedup"] > 0
-        assert row["experts_over_gemm_floor"] > 0 and row["step_speedup_bound"] > 0
+        assert row["experts_over_gemm_floor"] > 0
+        assert row["step_speedup_bound"] is None or row["step_speedup_bound"] > 0
     with pytest.raises(SystemExit):
         bench_hf(["--quick", "--dtypes", "fp64"])

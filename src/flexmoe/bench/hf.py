@@ -120,8 +120,8 @@ def gemm_floor_step(config: dict, top_i: torch.Tensor, dtype: torch.dtype, devic
     def rand(*shape):
         return torch.randn(*shape, generator=g, device=device).to(dtype)
 
-    # every operand contiguous in the orientation its GEMM reads (transposed views can fall off the
-    # fast bf16 path on CPUs), so that no backend can beat this by a better memory layout
+    # every operand made up front, contiguous in the orientation its GEMM reads: no backend lays
+    # them out better
     per_expert = []
     for n in (n for n in sizes if n):
         x, a, grad_y, grad_h = rand(n, M), rand(n, I), rand(n, M), rand(n, 2 * I)

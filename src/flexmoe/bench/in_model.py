@@ -102,22 +102,28 @@ def compare(
         cluster=cluster,
         tuner=TunerConfig(pipeline_degrees=degrees),
     )
-    adaptive = MoEStack(M, H, E, layers=layers, seed=11, **kwargs)
-    static = MoEStack(M, H, E, layers=layers, seed=11, **{**kwargs, "tuner": False})
+    variants: list[Plan | None] = [None, *plans]  # None: adaptive
+    # one model per variant, identical weights: each runs one plan throughout, as a user's model does
+    # (a model shared by every static plan favoured some of them by ~6% under oversubscription)
+    models = [
+        MoEStack(M, H, E, layers=layers, seed=11, **(kwargs if plan is None else {**kwargs, "tuner": False}))
+        for plan in variants
+    ]
+    adaptive = models[0]
     phases = [schedule(i) if schedule else Phase() for i in range(rounds)]
     most = max(p.tokens or tokens for p in phases)
     x_all = torch.randn(most, M, generator=torch.Generator().manual_seed(1000 + rank))
-    variants: list[Plan | None] = [None, *plans]  # None: adaptive
     times = [[0.0] * rounds for _ in variants]
     exploring_rounds, adaptive_steps = [], []
     for i in range(rounds):
-        adaptive.skew = static.skew = phases[i].skew
+        for model in models:
+            model.skew = phases[i].skew
         x = x_all[: phases[i].tokens or tokens]
         order = list(range(len(variants)))
         shift = i % len(order)
         for v in order[shift:] + order[:shift]:  # round 0 starts with the adaptive model
             plan = variants[v]
-            times[v][i] = _step(adaptive if plan is None else static, x, plan)
+            times[v][i] = _step(models[v], x, plan)
             if plan is None:
                 records = [m.last_plan for m in adaptive.moes]
                 adaptive_steps.append([(r.plan.describe(), r.capacity, r.source) for r in records])

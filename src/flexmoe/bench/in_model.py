@@ -1,7 +1,8 @@
 """The adaptive runtime measured the way users run it: several MoE layers with dense work between them,
-the adaptive model exploring from its first step, against the same model with every layer forced to
-one static plan, all of them interleaved step by step (one round = one step of every variant, the
-order rotated each round) so that a slow spell of this shared machine hits all alike.
+the adaptive model exploring from its first step, against copies of it (identical weights) with every
+layer forced to one static plan, one copy per plan, all of them interleaved step by step (one round =
+one step of every variant, the order rotated each round) so that a slow spell of this shared machine
+hits all alike.
 
 A drifting workload changes the routing skew during the run (dynamic capacity, cf < 0): balanced,
 then most tokens pushed towards one expert, then balanced again, so the capacity bucket (and the

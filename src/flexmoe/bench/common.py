@@ -70,22 +70,28 @@ def square_matmul_step(
     return (lambda: a @ b), 2 * size**3
 
 
+RATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_rate_steps(*, size: int, device="cpu") -> tuple[dict[str, Callable[[], object]], int]:
+    """Square matmul steps in fp32 and bf16 ("square_fp32_s", "square_bf16_s") to run among a
+    benchmark's own steps, and their FLOPs each; rates_from_times turns their times into GFLOP/s."""
+    steps, flops = {}, 0
+    for name, dtype in RATE_DTYPES.items():
+        steps[f"square_{name}_s"], flops = square_matmul_step(size=size, dtype=dtype, device=device)
+    return steps, flops
+
+
+def rates_from_times(times: dict[str, list[float]], flops: int) -> dict[str, float]:
+    """{"fp32_gflops", "bf16_gflops"} from the median times of matmul_rate_steps' steps."""
+    return {f"{n}_gflops": flops / statistics.median(times[f"square_{n}_s"]) / 1e9 for n in RATE_DTYPES}
+
+
 def matmul_rates(*, size: int = 1024, repeats: int = 5, device="cpu") -> dict[str, float]:
-    """fp32 and bf16 square matmul GFLOP/s (medians): printed beside the figures, since the bf16 rate
-    differs by 1000x between the CPUs this project runs on."""
-    rates = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        step, flops = square_matmul_step(size=size, dtype=dtype, device=device)
-        step()
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        rates[f"{name}_gflops"] = flops / statistics.median(times) / 1e9
-    return rates
+    """fp32 and bf16 square matmul GFLOP/s (medians), timed on their own: printed beside the figures,
+    since the bf16 rate differs by 1000x between the CPUs this project runs on."""
+    steps, flops = matmul_rate_steps(size=size, device=device)
+    return rates_from_times(interleaved_times(steps, warmup=1, repeats=repeats, device=device), flops)
 
 
 def cpu_name() -> str:

@@ -21,9 +21,10 @@ from flexmoe.bench.common import (
     environment,
     format_table,
     interleaved_times,
+    matmul_rate_steps,
     matmul_rates,
     paired_ratio,
-    square_matmul_step,
+    rates_from_times,
     write_json,
 )
 
@@ -166,12 +167,9 @@ def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], reques
                     name, model, optimizer, ids, block.experts, (h, top_i, top_w), grad
                 )
         steps["gemm floor/experts"] = gemm_floor_step(config, top_i, dtype, device)
-        for rate_dtype in DTYPES:  # the machine's matmul rates, in the same rounds
-            steps[f"square {rate_dtype}"], square_flops = square_matmul_step(
-                size=1024, dtype=DTYPES[rate_dtype], device=device
-            )
-        times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
-        rates = {f"{n}_gflops": square_flops / statistics.median(times[f"square {n}"]) / 1e9 for n in DTYPES}
+        rate_steps, rate_flops = matmul_rate_steps(size=1024, device=device)  # in the same rounds
+        times = interleaved_times({**steps, **rate_steps}, warmup=warmup, repeats=repeats, device=device)
+        rates = rates_from_times(times, rate_flops)
         layers = config["num_hidden_layers"]
         for name, skipped in available.items():
             row = {"dtype": dtype_name, "backend": name, "skipped": skipped, **rates}

@@ -44,7 +44,9 @@ from flexmoe.bench.common import (
     environment,
     format_table,
     interleaved_times,
+    matmul_rate_steps,
     paired_ratio,
+    rates_from_times,
     square_matmul_step,
     write_json,
 )
@@ -219,18 +221,9 @@ def _build(w: LayerWorkload, dtype, device):
     return layer, base, x
 
 
-def _matmul_rates(device) -> dict[str, object]:
+def _matmul_rates(device) -> tuple[dict, int]:
     """Square matmul steps in fp32 and bf16: the rates printed beside every figure."""
-    size = 2048 if torch.device(device).type == "cpu" else 8192
-    steps = {}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        steps[f"square_{name}_s"], flops = square_matmul_step(size=size, dtype=dt, device=device)
-    return steps, flops
-
-
-def _add_rates(result: dict, times: dict, flops: int) -> None:
-    for name in ("fp32", "bf16"):
-        result[f"{name}_gflops"] = flops / statistics.median(times[f"square_{name}_s"]) / 1e9
+    return matmul_rate_steps(size=2048 if torch.device(device).type == "cpu" else 8192, device=device)
 
 
 def _upstream_step(module, x, probe, amp):
@@ -304,7 +297,7 @@ def bench_workload(
     times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
     result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
     result.update({name: statistics.median(ts) for name, ts in times.items()})
-    _add_rates(result, times, rate_flops)
+    result.update(rates_from_times(times, rate_flops))
     # peak floor: the kept rows' GEMM FLOPs at the square matmul's rate of the same rounds
     flops_fb = 12 * rows * w.model_dim * w.hidden_dim
     result["square_gflops"] = square_flops / result["square_matmul_s"] / 1e9
@@ -337,7 +330,7 @@ def memory_workload(w: LayerWorkload, *, dtype, device, autocast=None) -> dict:
     result = {"workload": w.name, **asdict(w)}
     _memory(result, _memory_modules(w, layer, base, x, dtype, device), amp, device)
     result["capacity"] = layer.last_plan.capacity
-    _add_rates(result, times, rate_flops)
+    result.update(rates_from_times(times, rate_flops))
     return result
 
 

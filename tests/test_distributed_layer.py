@@ -211,6 +211,18 @@ def test_2dh_layer_output_is_bit_identical_to_flat(pool):
     assert all(pool.run(two_dh_vs_flat_worker))
 
 
+def tuner_node_size_worker() -> int:
+    layer = MoELayer(M, H, 2, seed=1, local_world_size=2)
+    return layer.tuner.rank_plans.model.cluster.gpus_per_node
+
+
+@pytest.mark.timeout(60)
+def test_the_tuner_prices_plans_on_the_layers_node_size(pool):
+    if pool.world_size != 4:
+        pytest.skip("nodes of two ranks need at least two nodes")
+    assert pool.run(tuner_node_size_worker) == [2] * 4
+
+
 def disagreeing_plan_worker() -> str:
     layer = MoELayer(M, H, 2, seed=1)
     plan = Plan(r=1, d=1 + dist.get_rank())  # every rank asks for a different d

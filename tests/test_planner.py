@@ -13,6 +13,7 @@ from flexmoe.cost_model import (
     candidate_plans,
     expert_flops,
     gather_bytes,
+    with_node_size,
 )
 from flexmoe.planner import main as plan_main
 from flexmoe.plans import Plan
@@ -39,6 +40,20 @@ def test_2dh_wins_over_flat_when_messages_are_small_and_many():
     assert two_dh < flat
     small = _shape(16, C=4096)  # 2 nodes, huge messages: the layout transform is not worth it
     assert A100.step_time(small, Plan(all_to_all="flat")) <= A100.step_time(small, Plan(all_to_all="2dh"))
+
+
+def test_the_node_size_of_the_process_groups_decides_what_2dh_costs():
+    # the CPU preset's node of 64 ranks holds all of W = 4: a 2DH exchange is priced as the flat one
+    cpu = PRESETS["cpu-gloo"]
+    shape = _shape(4, E=4, C=64, M=64, H=128, T=128)
+    flat, two_dh = Plan(all_to_all="flat"), Plan(all_to_all="2dh")
+    assert CostModel(cpu).step_time(shape, two_dh) == CostModel(cpu).step_time(shape, flat)
+    # on the layer's real nodes of 2, the 2DH's second phase and layout transform cost more than they
+    # save on a link as fast inside a node as across (loopback)
+    nodes_of_two = CostModel(with_node_size(cpu, 2))
+    assert nodes_of_two.cluster.gpus_per_node == 2
+    assert nodes_of_two.step_time(shape, two_dh) > nodes_of_two.step_time(shape, flat)
+    assert with_node_size(cpu, None) is cpu
 
 
 def test_pipelining_helps_when_compute_and_communication_are_comparable():

@@ -22,7 +22,7 @@ cluster's reciprocal rates, which is what lets `flexmoe.cost_fit` rescale them f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -102,6 +102,16 @@ PRESETS = {
 
 def default_cluster(device) -> ClusterSpec:
     return PRESETS["h100" if device is not None and torch.device(device).type == "cuda" else "cpu-gloo"]
+
+
+def with_node_size(cluster: ClusterSpec, local_world_size: int | None) -> ClusterSpec:
+    """The cluster with the node size the layer's process groups really have: where they run the 2DH
+    all-to-all (1 < L < W), its phases span L ranks, whatever the preset or calibration says. With a
+    node of 64 (the CPU preset) a 2DH on nodes of 2 was priced as a flat exchange, and the tuner
+    walked 2DH candidates that are slower in every measurement at W = 4 on loopback."""
+    if local_world_size is None or local_world_size == cluster.gpus_per_node:
+        return cluster
+    return replace(cluster, gpus_per_node=local_world_size)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,14 @@ from flexmoe.config import (
     check_dtype,
 )
 from flexmoe.cost_fit import PlanRanker
-from flexmoe.cost_model import ClusterSpec, CostModel, LayerShape, candidate_plans, default_cluster
+from flexmoe.cost_model import (
+    ClusterSpec,
+    CostModel,
+    LayerShape,
+    candidate_plans,
+    default_cluster,
+    with_node_size,
+)
 from flexmoe.experts import Experts
 from flexmoe.gates import build_gate
 from flexmoe.layout import ACTIVATIONS, ExpertLayout
@@ -265,7 +272,8 @@ class MoELayer(nn.Module):
             and (p.r == 0 or c.pipeline_degree in ("adaptive", p.d))
             and (p.r == 0 or c.all_to_all in ("auto", p.all_to_all))
         ] or [self._fixed_plan()]
-        model = CostModel(cluster or default_cluster(device))
+        node_size = self.groups.local_world_size if self.groups.supports_2dh else None
+        model = CostModel(with_node_size(cluster or default_cluster(device), node_size))
         ranker = PlanRanker(model, plans, shape=shape, capacity_factor=c.capacity_factor)
         return PlanTuner(plans, ranker, config=config, group=self.group)
 

@@ -4,7 +4,8 @@
    model exploring from its first step against the same model forced to every static plan,
    interleaved step by step; adaptive vs best static, each layer's decision, exploration spent;
 2. one layer alone: the step time of every static plan, next to the cost model's prediction
-   calibrated on this machine and after the tuner's online refit (Spearman rank correlations);
+   calibrated on this machine and after the tuner's online refit (Spearman rank correlations against
+   the layer alone and against the model forced to each plan, and of the two measurements together);
 3. a drifting workload: routing skew turned up and down during the run with a dynamic capacity
    (cf < 0), so the best plan changes mid-run; whole-run totals, adaptive vs the best single plan.
 
@@ -45,7 +46,7 @@ from flexmoe.bench.in_model import (
 )
 from flexmoe.comm import ExpertGroups, max_over_ranks
 from flexmoe.cost_fit import spearman
-from flexmoe.cost_model import PRESETS, ClusterSpec, CostModel, LayerShape, candidate_plans
+from flexmoe.cost_model import PRESETS, ClusterSpec, CostModel, LayerShape, candidate_plans, with_node_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,7 +253,10 @@ def run(
     W, rank = dist.get_world_size(), dist.get_rank()
     threads = torch.get_num_threads()
     probe = ExpertGroups(None, local_world_size=local_world_size)
-    cluster = calibrate(probe, threads=threads)
+    # priced on the layers' node size, as every layer's tuner prices it
+    cluster = with_node_size(
+        calibrate(probe, threads=threads), local_world_size if probe.supports_2dh else None
+    )
     model = CostModel(cluster)
     local = matmul_rates()  # the slowest rank's rates (MIN: MAX of the negated values)
     rates = dict(zip(local, (-v for v in max_over_ranks([-v for v in local.values()])), strict=True))
@@ -317,13 +321,25 @@ def run(
         spearman_prior = spearman([model.step_time(shape, p) for p in plans], [measured[p] for p in plans])
         if in_model:
             layer_times = {p.describe(): t for p, t in measured.items()}
+            stationary = summarize_stationary(in_model, layer_times, rounds=rounds)
+            # the same ranking against the whole model forced to each plan (what the tuner's trials
+            # see and users pay), and how far the two measurements agree with each other
+            in_model_times = {
+                p: stationary["static_ms"][p.describe()]
+                for p in plans
+                if p.describe() in stationary["static_ms"]
+            }
             row = {
                 "workload": w.name,
                 "W": W,
-                **summarize_stationary(in_model, layer_times, rounds=rounds),
+                **stationary,
                 **exploration_report(in_model),
                 "spearman_prior": spearman_prior,
                 "spearman_refit": rank_correlation(ranker, shape.capacity, measured),
+                "spearman_refit_in_model": rank_correlation(ranker, shape.capacity, in_model_times),
+                "spearman_layer_vs_model": spearman(
+                    [measured[p] for p in in_model_times], list(in_model_times.values())
+                ),
                 "refit_scales": ranker.scales(),
                 "tuner_tables": in_model["tables"],
                 "decisions": in_model["decisions"],
@@ -392,6 +408,8 @@ ADAPTIVE_COLUMNS = (
     "explore_pct_of_1000",
     "spearman_prior",
     "spearman_refit",
+    "spearman_refit_in_model",
+    "spearman_layer_vs_model",
 )
 DRIFT_COLUMNS = (
     "workload",

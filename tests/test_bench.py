@@ -43,6 +43,26 @@ def test_drift_phases_split_the_run_as_the_totals_do(rounds):
     assert all(len(d.phases) == 3 for d in DRIFTING)
 
 
+def test_ranking_report_scores_the_refit_against_both_measurements():
+    from flexmoe.bench.in_model import ranking_report
+    from flexmoe.plans import Plan
+
+    a, b, c, d = Plan(r=0), Plan(d=1), Plan(d=2), Plan(d=4)
+
+    class Ranker:  # predicts a < b < c < d; d is no candidate of the tuner
+        plans = [a, b, c]
+
+        def predict(self, capacity, plan):
+            return {a: 1.0, b: 2.0, c: 3.0, d: 4.0}[plan]
+
+    layer = {a: 0.1, b: 0.3, c: 0.2, d: 0.4}  # b and c swapped
+    model = {a.describe(): 10.0, b.describe(): 20.0, c.describe(): 30.0}  # d not run in the model
+    report = ranking_report(Ranker(), 64, layer, model)
+    assert report["spearman_refit"] == pytest.approx(0.5)  # over a, b, c
+    assert report["spearman_refit_in_model"] == pytest.approx(1.0)
+    assert report["spearman_layer_vs_model"] == pytest.approx(0.5)
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     # per-round ratios 1, 2, 3 -> 2; the ratio of the medians (3 / 1) would say 3
     assert paired_ratio([1.0, 10.0, 3.0], [1.0, 5.0, 1.0]) == 2.0

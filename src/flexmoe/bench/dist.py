@@ -40,7 +40,7 @@ from flexmoe.bench.in_model import (
     Phase,
     compare,
     exploration_report,
-    rank_correlation,
+    ranking_report,
     summarize_stationary,
     summarize_totals,
 )
@@ -322,24 +322,13 @@ def run(
         if in_model:
             layer_times = {p.describe(): t for p, t in measured.items()}
             stationary = summarize_stationary(in_model, layer_times, rounds=rounds)
-            # the same ranking against the whole model forced to each plan (what the tuner's trials
-            # see and users pay), and how far the two measurements agree with each other
-            in_model_times = {
-                p: stationary["static_ms"][p.describe()]
-                for p in plans
-                if p.describe() in stationary["static_ms"]
-            }
             row = {
                 "workload": w.name,
                 "W": W,
                 **stationary,
                 **exploration_report(in_model),
                 "spearman_prior": spearman_prior,
-                "spearman_refit": rank_correlation(ranker, shape.capacity, measured),
-                "spearman_refit_in_model": rank_correlation(ranker, shape.capacity, in_model_times),
-                "spearman_layer_vs_model": spearman(
-                    [measured[p] for p in in_model_times], list(in_model_times.values())
-                ),
+                **ranking_report(ranker, shape.capacity, measured, stationary["static_ms"]),
                 "refit_scales": ranker.scales(),
                 "tuner_tables": in_model["tables"],
                 "decisions": in_model["decisions"],

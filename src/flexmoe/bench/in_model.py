@@ -217,3 +217,16 @@ def exploration_report(result: dict, *, horizon: int = 1000) -> dict:
 def rank_correlation(ranker, capacity: int, measured: dict[Plan, float]) -> float:
     plans = [p for p in measured if p in ranker.plans]
     return spearman([ranker.predict(capacity, p) for p in plans], [measured[p] for p in plans])
+
+
+def ranking_report(ranker, capacity: int, layer_s: dict[Plan, float], model_ms: dict[str, float]) -> dict:
+    """The refit cost model's ranking against both measurements of the plans: the layer alone
+    (`layer_s`) and the whole model forced to each plan (`model_ms`, by plan description: what the
+    tuner's trials see and users pay); and how far the two measurements rank the plans alike, which
+    bounds what any model can score against either."""
+    in_model = {p: model_ms[p.describe()] for p in layer_s if p.describe() in model_ms}
+    return {
+        "spearman_refit": rank_correlation(ranker, capacity, layer_s),
+        "spearman_refit_in_model": rank_correlation(ranker, capacity, in_model),
+        "spearman_layer_vs_model": spearman([layer_s[p] for p in in_model], list(in_model.values())),
+    }

@@ -63,6 +63,19 @@ def test_ranking_report_scores_the_refit_against_both_measurements():
     assert report["spearman_layer_vs_model"] == pytest.approx(0.5)
 
 
+def test_the_gemm_floor_times_its_second_back_to_back_run_only():
+    from flexmoe.bench.common import interleaved_times
+    from flexmoe.bench.hf import SecondRunTimed
+
+    calls = []
+    floor = SecondRunTimed(lambda: calls.append(len(calls)), "cpu")
+    times = interleaved_times({"floor": floor}, warmup=1, repeats=3)
+    assert len(calls) == 2 * 4  # every call of the step runs it twice
+    assert len(floor.seconds) == 4 and len(times["floor"]) == 3
+    # the outer time holds both runs, the recorded one only the second
+    assert all(inner <= outer for inner, outer in zip(floor.seconds[-3:], times["floor"], strict=True))
+
+
 def test_paired_ratio_is_the_median_of_per_round_ratios():
     # per-round ratios 1, 2, 3 -> 2; the ratio of the medians (3 / 1) would say 3
     assert paired_ratio([1.0, 10.0, 3.0], [1.0, 5.0, 1.0]) == 2.0

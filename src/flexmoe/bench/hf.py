@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -25,6 +26,7 @@ from flexmoe.bench.common import (
     matmul_rates,
     paired_ratio,
     rates_from_times,
+    synchronize,
     write_json,
 )
 
@@ -144,6 +146,24 @@ def gemm_floor_step(config: dict, top_i: torch.Tensor, dtype: torch.dtype, devic
     return step
 
 
+class SecondRunTimed:
+    """A step that runs twice back to back and times only its second run (`seconds`): the GEMM
+    floor's first run after a model's step carried a one-time cost of up to ~26 ms in bf16 on this
+    project's 2-core CPU (25 ms floor: 50 ms; its cause was not found), which no backend's experts
+    pass showed; a lower bound must not count it."""
+
+    def __init__(self, step, device):
+        self.step, self.device, self.seconds = step, device, []
+
+    def __call__(self) -> None:
+        self.step()
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.step()
+        synchronize(self.device)
+        self.seconds.append(time.perf_counter() - start)
+
+
 def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], requested, repeats, warmup, device):
     rows = []
     for dtype_name in dtypes:
@@ -166,9 +186,11 @@ def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], reques
                 steps[f"{name}/step"], steps[f"{name}/experts"] = _steps(
                     name, model, optimizer, ids, block.experts, (h, top_i, top_w), grad
                 )
-        steps["gemm floor/experts"] = gemm_floor_step(config, top_i, dtype, device)
+        floor = SecondRunTimed(gemm_floor_step(config, top_i, dtype, device), device)
+        steps["gemm floor/experts"] = floor
         rate_steps, rate_flops = matmul_rate_steps(size=1024, device=device)  # in the same rounds
         times = interleaved_times({**steps, **rate_steps}, warmup=warmup, repeats=repeats, device=device)
+        times["gemm floor/experts"] = floor.seconds[-repeats:]
         rates = rates_from_times(times, rate_flops)
         layers = config["num_hidden_layers"]
         for name, skipped in available.items():

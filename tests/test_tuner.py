@@ -88,6 +88,29 @@ def test_clearly_slower_candidates_are_dropped_while_close_ones_keep_running():
     assert tuner.decisions[0]["reason"].endswith("max trials")
 
 
+class RefitRanking(Ranking):
+    """Puts C before B once it has been fed trials, as a refit cost model may."""
+
+    def __call__(self, capacity):
+        order = super().__call__(capacity)
+        return sorted(order, key=lambda kv: kv[0] != C) if self.observed else order
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_survivors_the_trials_cannot_separate_are_ranked_by_the_refit_model(refit):
+    noisy = {B: [1.0, 1.0, 1.3, 0.9, 1.25, 0.95, 1.2], C: [1.1, 1.2, 0.95, 1.3, 1.0, 1.25, 1.0]}
+    predicted = {A: 1.0, B: 2.0, C: 3.0}
+    ranking = (RefitRanking if refit else Ranking)(predicted)
+    config = TunerConfig(max_candidates=4, check_every=5, min_trials=2, max_trials=4)
+    tuner = PlanTuner(list(predicted), ranking, config=config)
+    drive(tuner, lambda p, n: 10.0 if p == A else noisy[p][min(n, 6)], 40)
+    decision = tuner.decisions[0]
+    assert decision["reason"].endswith("max trials")
+    # A was dropped by the trials; between B and C the model decides, after it saw the trials
+    assert decision["plan"] == (C if refit else B).describe()
+    assert {plan for _, plan, _ in ranking.observed} == {A, B, C}
+
+
 def test_equivalent_candidates_end_the_exploration():
     tuner = make({A: 1.0, B: 2.0}, tolerance=0.05)
     # gap < noise < tolerance, and the noise is each candidate's own (it does not cancel within a round)

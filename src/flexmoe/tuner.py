@@ -11,7 +11,10 @@ Life of a bucket (floor(capacity / bucket_size), separate tables for training an
    cancels) are agreed across ranks (MAX), and candidates clearly slower than the best are dropped
    (trial_stats.evaluate); the
    exploration ends when the best is separated from the rest, or the rest are within `tolerance` of
-   it, or after `max_trials` warm rounds, or when the exploration budget would be exceeded.
+   it (the best wins), or after `max_trials` warm rounds, or when the exploration budget would be
+   exceeded: then the survivors' medians differ by less than their noise, and the cost model, refit
+   on the agreed trials, picks among them (on a noisy machine the trials alone chose plans up to 8%
+   slower in the model while its refit ranked the fastest first, `flexmoe bench dist` at W = 4).
 2. exploit: the winner runs; one step in `check_every` is timed. When the median of the last
    `drift_window` checks (agreed across ranks) is `drift_threshold` slower than the trials showed,
    the bucket is explored again (at most `max_reexplorations` times, within budget).
@@ -52,7 +55,7 @@ class TunerConfig:
     bucket_size: int = 128
     max_candidates: int = 4
     min_trials: int = 3  # warm trials per candidate before the first verdict (2 give no usable spread)
-    max_trials: int = 6  # warm trials per candidate at most; then the best median wins
+    max_trials: int = 6  # warm trials per candidate at most; then the cost model picks among the survivors
     tolerance: float = 0.03  # plans this close to the best (measured that precisely) count as equal
     explore_budget: float = 0.05  # share of steps that may run non-chosen plans...
     budget_horizon: int = 1000  # ...of max(steps so far, this): a fresh run may spend 5% of 1,000 at once
@@ -199,6 +202,12 @@ class PlanTuner:
                 ):
                     reason = "budget"
                 if reason:
+                    self._observe(state, ex)
+                    if not verdict.done:
+                        # the trials allowed could not tell the survivors apart: their medians differ
+                        # by less than the noise, and the cost model, refit just now on every
+                        # candidate's agreed trials, is the better judge of which is fastest
+                        leader = self._model_pick(state.capacity, ex.alive, leader)
                     self._finish(key, state, leader, reason)
                     return None
         plan = ex.alive[ex.position]
@@ -217,12 +226,19 @@ class PlanTuner:
         state.drift_due = False
         state.checks, state.last_check_s = [], None
         self.spent += ex.non_leader_steps(best)
+        self._log(key, state, event="decision", reason=f"{ex.reason}: {reason}", exploration=ex)
+
+    def _observe(self, state: BucketState, ex) -> None:
+        """Feed the agreed trial medians to the ranker's online refit, where it has one."""
         observe = getattr(self.rank_plans, "observe", None)
         if observe is not None:
             for plan, s in ex.agreed.items():
                 if s.known:
                     observe(state.capacity, plan, s.median)
-        self._log(key, state, event="decision", reason=f"{ex.reason}: {reason}", exploration=ex)
+
+    def _model_pick(self, capacity: int, survivors: list[Plan], fallback: Plan) -> Plan:
+        """The survivor the ranker puts first (the same on every rank: it was fed agreed numbers)."""
+        return next((p for p, _ in self.rank_plans(capacity) if p in survivors), fallback)
 
     def _exploit_step(self, key, state: BucketState, capacity: int, device) -> tuple[Plan, str]:
         c = self.config

@@ -280,6 +280,11 @@ class ExpertGroups:
         return self._supports_2dh
 
     @property
+    def node_size(self) -> int | None:
+        """Ranks per node where the groups span nodes (2DH runs: L), else None: one node holds them."""
+        return self.local_world_size if self._supports_2dh else None
+
+    @property
     def block_sizes(self) -> tuple[int, ...]:
         """Sizes `block_group` accepts."""
         return tuple(sorted(self._blocks))

@@ -104,14 +104,15 @@ def default_cluster(device) -> ClusterSpec:
     return PRESETS["h100" if device is not None and torch.device(device).type == "cuda" else "cpu-gloo"]
 
 
-def with_node_size(cluster: ClusterSpec, local_world_size: int | None) -> ClusterSpec:
-    """The cluster with the node size the layer's process groups really have: where they run the 2DH
-    all-to-all (1 < L < W), its phases span L ranks, whatever the preset or calibration says. With a
-    node of 64 (the CPU preset) a 2DH on nodes of 2 was priced as a flat exchange, and the tuner
-    walked 2DH candidates that are slower in every measurement at W = 4 on loopback."""
-    if local_world_size is None or local_world_size == cluster.gpus_per_node:
+def with_node_size(cluster: ClusterSpec, node_size: int | None) -> ClusterSpec:
+    """The cluster with the node size the layer's process groups really have (ExpertGroups.node_size:
+    where they run the 2DH all-to-all, its phases span that many ranks), whatever the preset or
+    calibration says; None keeps the cluster's. With a node of 64 (the CPU preset) a 2DH on nodes of
+    2 was priced as a flat exchange, and the tuner walked 2DH candidates that are slower in every
+    measurement at W = 4 on loopback."""
+    if node_size is None or node_size == cluster.gpus_per_node:
         return cluster
-    return replace(cluster, gpus_per_node=local_world_size)
+    return replace(cluster, gpus_per_node=node_size)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -272,8 +272,7 @@ class MoELayer(nn.Module):
             and (p.r == 0 or c.pipeline_degree in ("adaptive", p.d))
             and (p.r == 0 or c.all_to_all in ("auto", p.all_to_all))
         ] or [self._fixed_plan()]
-        node_size = self.groups.local_world_size if self.groups.supports_2dh else None
-        model = CostModel(with_node_size(cluster or default_cluster(device), node_size))
+        model = CostModel(with_node_size(cluster or default_cluster(device), self.groups.node_size))
         ranker = PlanRanker(model, plans, shape=shape, capacity_factor=c.capacity_factor)
         return PlanTuner(plans, ranker, config=config, group=self.group)
 

@@ -1,8 +1,9 @@
 """`flexmoe bench dist` (under torchrun): for a few workloads,
 
 1. in a model (bench/in_model.py): several MoE layers with dense work between them, the ADAPTIVE
-   model exploring from its first step against the same model forced to every static plan,
-   interleaved step by step; adaptive vs best static, each layer's decision, exploration spent;
+   model exploring from its first step against copies of it (identical weights), each forced to one
+   static plan, interleaved step by step; adaptive vs best static, each layer's decision, exploration
+   spent;
 2. one layer alone: the step time of every static plan, next to the cost model's prediction
    calibrated on this machine and after the tuner's online refit (Spearman rank correlations against
    the layer alone and against the model forced to each plan, and of the two measurements together);
@@ -254,9 +255,7 @@ def run(
     threads = torch.get_num_threads()
     probe = ExpertGroups(None, local_world_size=local_world_size)
     # priced on the layers' node size, as every layer's tuner prices it
-    cluster = with_node_size(
-        calibrate(probe, threads=threads), local_world_size if probe.supports_2dh else None
-    )
+    cluster = with_node_size(calibrate(probe, threads=threads), probe.node_size)
     model = CostModel(cluster)
     local = matmul_rates()  # the slowest rank's rates (MIN: MAX of the negated values)
     rates = dict(zip(local, (-v for v in max_over_ranks([-v for v in local.values()])), strict=True))

@@ -16,8 +16,9 @@ def test_layer_benchmark_quick(tmp_path):
     saved = json.loads((tmp_path / "l.json").read_text())
     assert saved["environment"]["torch"] and len(saved["results"]) == len(payload["results"]) == 2
     first = saved["results"][0]
-    for key in ("flexmoe_fb_s", "einsum_fb_s", "padded_fb_s", "gemm_floor_fb_s", "speedup_vs_einsum_fb"):
-        assert first[key] > 0
+    for key in ("flexmoe_fb_s", "einsum_fb_s", "padded_fb_s", "gemm_floor_fb_s", "ffn_floor_fb_s"):
+        assert first[key] > 0, key
+    assert first["speedup_vs_einsum_fb"] > 0 and first["over_ffn_floor_fb"] > 0
     assert first["kept_rows"] <= first["tokens"] * first["top_k"]
 
 

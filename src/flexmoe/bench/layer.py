@@ -1,13 +1,18 @@
 """`flexmoe bench layer`: one-process MoE layer against the einsum baseline, fairscale and two floors.
 
 For each workload, in one run (same process, same threads):
-- flexmoe: MoELayer forward+backward and forward-only (no_grad);
+- flexmoe: MoELayer forward+backward and forward-only (no_grad); like every forward+backward here,
+  backward starts from a preallocated output gradient, so no loss's work blurs the layer's figure;
 - padded: the same routing and experts but every capacity slot multiplied (dispatch -> [E, C, M]);
 - einsum: flexmoe.baselines.GShardMoELayer (the Fairseq/GShard one-hot formulation), same weights;
 - fairscale: fairscale.nn.MOELayer with Top2Gate, when installed and k == 2;
 - expert ffn: the grouped expert FFN op alone (GEMMs, biases, activation) on the same kept rows, so
   that layer / expert ffn is what routing, dispatch and combine add on top of the experts;
 - gemm floor: only the expert GEMMs (6 per expert for fwd+bwd, 2 for fwd) on exactly the kept rows;
+- ffn floor: the gemm floor plus the passes no implementation of these experts avoids around its
+  GEMMs: the activation forward and backward over the kept rows and, under autocast, casting the
+  fp32 master weights to the compute dtype and their gradients back (biases, routing, dispatch and
+  combine left out, so it stays a lower bound);
 - peak floor: the FLOPs of those GEMMs over the rate of a large square matmul;
 - working memory (`*_wm_mb`): the peak bytes one forward+backward (from a given output gradient)
   allocates above what was live before it (parameters, input), for flexmoe, the einsum layer and
@@ -52,7 +57,7 @@ from flexmoe.bench.common import (
 )
 from flexmoe.bench.memory import working_memory
 from flexmoe.dispatch import combine, dispatch
-from flexmoe.ops.expert_ffn import grouped_expert_ffn
+from flexmoe.ops.expert_ffn import activation_backward, activation_forward, grouped_expert_ffn
 from flexmoe.routing import route
 
 
@@ -96,17 +101,6 @@ def _autocast(device, dtype):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def _fwd_bwd(module, x, amp=contextlib.nullcontext):
-    def step():
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        with amp():
-            y = module(x)
-        y.float().pow(2).mean().backward()
-
-    return step
-
-
 def _fwd(module, x, amp=contextlib.nullcontext):
     def step():
         with torch.no_grad(), amp():
@@ -119,6 +113,7 @@ def _padded_step(layer: MoELayer, x, *, backward: bool, dtype):
     """Same routing and experts, but every capacity slot is multiplied (the padded approach); the
     experts in `dtype` (the compute dtype), routing in fp32 as in MoELayer."""
     cfg = layer.config
+    grad = torch.randn(x.shape, dtype=dtype, device=x.device)
 
     def forward():
         x_TM = x.reshape(-1, cfg.model_dim)
@@ -134,7 +129,7 @@ def _padded_step(layer: MoELayer, x, *, backward: bool, dtype):
         if backward:
             layer.zero_grad(set_to_none=True)
             x.grad = None
-            forward().float().pow(2).mean().backward()
+            forward().backward(grad)
         else:
             with torch.no_grad():
                 forward()
@@ -166,6 +161,30 @@ def _gemm_floor_steps(layer: MoELayer, kept: list[int], dtype, device):
             _ = gh @ w1[e][:, :H].t()  # grad x
 
     return forward_backward, forward
+
+
+def _ffn_floor_step(layer: MoELayer, kept: list[int], dtype, device):
+    """The GEMM floor's fwd+bwd plus what these experts cannot avoid around their GEMMs (see the
+    module docstring): the activation on the kept rows and the master weights' casts both ways."""
+    masters = (layer.experts.fc1_weight.detach(), layer.experts.fc2_weight.detach())
+    kind, M = layer.experts.activation, layer.config.model_dim
+    rows = [torch.randn(n, M, dtype=dtype, device=device) for n in kept]
+    grads = [torch.randn(n, M, dtype=dtype, device=device) for n in kept]
+
+    def step():
+        w1, w2 = (w.to(dtype) for w in masters)  # `to` returns the tensor itself without autocast
+        g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
+        for e, (x, g) in enumerate(zip(rows, grads, strict=True)):
+            h = x @ w1[e]
+            act = activation_forward(kind, h)
+            _ = act @ w2[e]
+            torch.mm(act.t(), g, out=g2[e])
+            gh = activation_backward(kind, g @ w2[e].t(), h, act)
+            torch.mm(x.t(), gh, out=g1[e])
+            _ = gh @ w1[e].t()
+        return g1.to(masters[0].dtype), g2.to(masters[1].dtype)
+
+    return step
 
 
 def _expert_ffn_step(layer: MoELayer, kept: list[int], dtype, device):
@@ -281,19 +300,15 @@ def bench_workload(
         **rate_steps,
         "gemm_floor_fb_s": floor_fb,
         "gemm_floor_f_s": floor_f,
+        "ffn_floor_fb_s": _ffn_floor_step(layer, kept, low, device),
         "expert_ffn_fb_s": _expert_ffn_step(layer, kept, low, device),
-        "flexmoe_fb_s": _fwd_bwd(layer, x, amp),
-        "flexmoe_f_s": _fwd(layer, x, amp),
         "padded_fb_s": _padded_step(layer, x, backward=True, dtype=low),
         "padded_f_s": _padded_step(layer, x, backward=False, dtype=low),
-        "einsum_fb_s": _fwd_bwd(base, x, amp),
-        "einsum_f_s": _fwd(base, x, amp),
     }
     modules = _memory_modules(w, layer, base, x, dtype, device)
-    if "fairscale" in modules:
-        _, xs, _ = modules["fairscale"]
-        steps.update(fairscale_fb_s=_fwd_bwd(modules["fairscale"][0], xs, amp))
-        steps.update(fairscale_f_s=_fwd(modules["fairscale"][0], xs, amp))
+    for impl, (module, module_x, probe) in modules.items():
+        steps[f"{impl}_fb_s"] = _upstream_step(module, module_x, probe, amp)
+        steps[f"{impl}_f_s"] = _fwd(module, module_x, amp)
     times = interleaved_times(steps, warmup=warmup, repeats=repeats, device=device)
     result = {"workload": w.name, **asdict(w), "capacity": layer.last_plan.capacity, "kept_rows": rows}
     result.update({name: statistics.median(ts) for name, ts in times.items()})
@@ -313,6 +328,8 @@ def bench_workload(
                     times[f"{impl}_{mode}_s"], times[f"flexmoe_{mode}_s"]
                 )
     result["over_gemm_floor_fb"] = paired_ratio(times["flexmoe_fb_s"], times["gemm_floor_fb_s"])
+    result["over_ffn_floor_fb"] = paired_ratio(times["flexmoe_fb_s"], times["ffn_floor_fb_s"])
+    result["ffn_floor_over_gemm_floor_fb"] = paired_ratio(times["ffn_floor_fb_s"], times["gemm_floor_fb_s"])
     result["over_gemm_floor_f"] = paired_ratio(times["flexmoe_f_s"], times["gemm_floor_f_s"])
     result["over_expert_ffn_fb"] = paired_ratio(times["flexmoe_fb_s"], times["expert_ffn_fb_s"])
     result["expert_ffn_over_gemm_floor_fb"] = paired_ratio(times["expert_ffn_fb_s"], times["gemm_floor_fb_s"])
@@ -342,12 +359,15 @@ COLUMNS = (
     "fairscale_fb_s",
     "padded_fb_s",
     "gemm_floor_fb_s",
+    "ffn_floor_fb_s",
     "peak_floor_fb_s",
     "speedup_vs_fairscale_fb",
     "speedup_vs_einsum_fb",
     "speedup_vs_padded_fb",
     "over_gemm_floor_fb",
     "over_gemm_floor_f",
+    "ffn_floor_over_gemm_floor_fb",
+    "over_ffn_floor_fb",
     "over_expert_ffn_fb",
     "expert_ffn_over_gemm_floor_fb",
     "gemm_efficiency",

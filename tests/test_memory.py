@@ -34,8 +34,11 @@ def _params(G: int, kind: str, bias: bool, gen: torch.Generator):
 @pytest.mark.parametrize("kind,bias", [("gelu", True), ("swiglu", False), ("relu", True)])
 @pytest.mark.parametrize("sizes", [(3, 0, 2), (2, 2, 2)], ids=["uneven", "uniform"])
 @pytest.mark.parametrize("block_elements", [1, 1 << 20], ids=["block-per-group", "one-block"])
-def test_packed_moe_gradients_are_exact(post, kind, bias, sizes, block_elements, monkeypatch):
+@pytest.mark.parametrize("max_padding", [0.0, 10.0], ids=["ragged", "padded"])
+def test_packed_moe_gradients_are_exact(post, kind, bias, sizes, block_elements, max_padding, monkeypatch):
     monkeypatch.setattr(expert_ffn, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(expert_ffn, "_MAX_PADDING", max_padding)
+    monkeypatch.setattr(expert_ffn, "_PAD_GROUPS_UNDER", 1 << 20)
     gen = torch.Generator().manual_seed(len(sizes) + int(post))
     T, N = 4, sum(sizes)
     x = torch.randn(T, M, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -50,6 +53,28 @@ def test_packed_moe_gradients_are_exact(post, kind, bias, sizes, block_elements,
 
     inputs = (x, weight, *(p for p in params if p is not None))
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("post", [True, False])
+@pytest.mark.parametrize("sizes", [(3, 0, 2), (4, 3, 4), (1, 5)])
+def test_padding_nearly_equal_groups_changes_nothing(post, sizes, monkeypatch):
+    """Padded slots read a zero row and write to a dropped one: outputs and every gradient are those
+    of the unpadded op (prescore with biases is where a leak would show: f(0) != 0)."""
+    gen = torch.Generator().manual_seed(sum(sizes))
+    T, N = 5, sum(sizes)
+    x = torch.randn(T, M, generator=gen, dtype=torch.float64, requires_grad=True)
+    token = torch.randint(0, T, (N,), generator=gen)
+    weight = torch.rand(N, generator=gen, dtype=torch.float64, requires_grad=True)
+    params = _params(len(sizes), "gelu", True, gen)
+    grad_y = torch.randn(T, M, generator=gen, dtype=torch.float64)
+    results = []
+    monkeypatch.setattr(expert_ffn, "_PAD_GROUPS_UNDER", 1 << 20)
+    for max_padding in (0.0, 10.0):
+        monkeypatch.setattr(expert_ffn, "_MAX_PADDING", max_padding)
+        y = packed_moe(x, token, weight, ExpertWeights(*params, "gelu"), sizes, is_postscore=post)
+        results.append((y, *torch.autograd.grad(y, (x, weight, *params), grad_y)))
+    for ragged, padded in zip(*results, strict=True):
+        torch.testing.assert_close(padded, ragged, rtol=1e-12, atol=1e-12)
 
 
 def test_packed_moe_without_input_or_score_gradients():
@@ -117,8 +142,9 @@ def test_local_step_saves_only_pre_activations(autocast):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         saved = _saved_bytes(layer, x, lambda: layer(x))
     N = int(layer.last_routing.kept_E.sum())
+    R = int(N * (1 + expert_ffn._MAX_PADDING))  # the kept rows, nearly equal groups padded to the largest
     b = 2 if autocast else 4
-    bound = N * HB * b + _routing_bound(N)  # hpre of the kept rows
+    bound = R * HB * b + _routing_bound(R)  # hpre of the kept rows
     if autocast:  # the bf16 copies of the tokens and of the expert weights, as autocast's nn.Linear keeps
         bound += T * MB * b + _expert_params(layer) * b
     assert saved <= bound, (saved, bound)

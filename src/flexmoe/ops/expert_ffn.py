@@ -336,8 +336,17 @@ def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscor
     return y_TM, hpre_NX
 
 
+def _with_zero_row(t_TM: torch.Tensor) -> torch.Tensor:
+    """t with one more row of zeros (row T): the row the padding slots read from and write to."""
+    return torch.cat([t_TM, t_TM.new_zeros(1, t_TM.shape[1])])
+
+
 class PackedMoE(torch.autograd.Function):
-    """Gather -> grouped FFN -> gate scaling -> combine as one node that keeps only hpre (see above)."""
+    """Gather -> grouped FFN -> gate scaling -> combine as one node that keeps only hpre (see above).
+
+    padded: some slots are padding: their token index is T (one past the last token), a zero row
+    appended to x and to the output gradient, and their outputs land in an extra row that is dropped.
+    """
 
     @staticmethod
     @amp_forward(cast_inputs=True)  # out= GEMMs: run in the autocast dtype, autocast off
@@ -354,10 +363,11 @@ class PackedMoE(torch.autograd.Function):
         activation: str,
         is_postscore: bool,
         keep_hpre: bool,
+        padded: bool,
     ):
         w = ExpertWeights(w1, b1, w2, b2, activation)
         y_TM, hpre_NX = _moe_forward(
-            x_TM,
+            _with_zero_row(x_TM) if padded else x_TM,
             token_N,
             weight_N.to(x_TM.dtype),
             w,
@@ -366,8 +376,8 @@ class PackedMoE(torch.autograd.Function):
             keep_hpre=keep_hpre,
         )
         ctx.save_for_backward(x_TM, token_N, weight_N, hpre_NX, w1, b1, w2, b2)
-        ctx.sizes, ctx.activation, ctx.is_postscore = sizes, activation, is_postscore
-        return y_TM
+        ctx.sizes, ctx.activation, ctx.is_postscore, ctx.padded = sizes, activation, is_postscore, padded
+        return y_TM[: x_TM.shape[0]] if padded else y_TM
 
     @staticmethod
     @amp_backward
@@ -378,6 +388,9 @@ class PackedMoE(torch.autograd.Function):
         need_x, _, need_s = ctx.needs_input_grad[:3]
         need_w = any(ctx.needs_input_grad[3:7])
         grad_y_TM = grad_y_TM.contiguous().to(x_TM.dtype)
+        T = x_TM.shape[0]
+        if ctx.padded:  # re-padded here rather than kept from forward (one [T, M] copy each)
+            x_TM, grad_y_TM = _with_zero_row(x_TM), _with_zero_row(grad_y_TM)
         scale_N = weight_N.to(x_TM.dtype)
         grad_x = torch.zeros_like(x_TM) if need_x else None
         grad_s = weight_N.new_zeros(weight_N.shape) if need_s else None
@@ -416,7 +429,9 @@ class PackedMoE(torch.autograd.Function):
                     gx_B.mul_(s_B1)
                 if need_x:
                     grad_x.index_add_(0, token_N[rows], gx_B)
-        return grad_x, None, grad_s, gw1, gb1, gw2, gb2, None, None, None, None
+        if grad_x is not None and ctx.padded:
+            grad_x = grad_x[:T]
+        return grad_x, None, grad_s, gw1, gb1, gw2, gb2, None, None, None, None, None
 
 
 def packed_moe(
@@ -429,12 +444,22 @@ def packed_moe(
     is_postscore: bool = True,
 ) -> torch.Tensor:
     """Differentiable y_TM = the sum over kept assignments n of the gate-weighted expert outputs of
-    token token_N[n]; assignments grouped by expert, sizes[g] of them for expert g (see above)."""
+    token token_N[n]; assignments grouped by expert, sizes[g] of them for expert g (see above).
+
+    Small, nearly equal groups are padded to the largest (see _pads), so that each block's GEMMs
+    run as one batched GEMM."""
     if sum(sizes) != token_N.shape[0] or len(sizes) != w.num_groups:
         raise ValueError(f"sizes {sizes} must list {w.num_groups} groups summing to {token_N.shape[0]} rows")
     tensors = (x_TM, weight_N, w.w1_GMX, w.b1_GX, w.w2_GHM, w.b2_GM)
     # without a backward to come (inference) no [N, X] tensor outlives its block
     keep_hpre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    n = max(sizes, default=0)
+    padded = _pads(len(sizes) * n - token_N.shape[0], token_N.shape[0], n * w.w1_GMX.shape[2])
+    if padded:
+        slot_N = _padded_slots(sizes, n, token_N.device)
+        token_N = token_N.new_full((len(sizes) * n,), x_TM.shape[0]).index_copy_(0, slot_N, token_N)
+        weight_N = weight_N.new_zeros(len(sizes) * n).index_copy(0, slot_N, weight_N)
+        sizes = (n,) * len(sizes)
     return PackedMoE.apply(
         x_TM.contiguous(),
         token_N,
@@ -447,4 +472,26 @@ def packed_moe(
         w.activation,
         is_postscore,
         keep_hpre,
+        padded,
     )
+
+
+# Padding the groups to the largest trades wasted GEMM rows for one batched GEMM per block instead of
+# one GEMM (and one set of element-wise calls) per expert. That pays where several groups share a
+# block: bf16 fwd+bwd on 2 cores, 32 or 64 experts of 250-500 rows (group hidden 0.25-0.5M elements)
+# ran 4-7% faster with 4-13% padding; groups of 2M elements (8 experts of ~1,000 rows x 2,048) ran
+# 3-7% slower with 4-8% padding, as each block holds one group either way.
+_MAX_PADDING = 1 / 8
+_PAD_GROUPS_UNDER = _BLOCK_ELEMENTS // 2  # elements of a group's hidden rows (n * X)
+
+
+def _pads(padding_rows: int, rows: int, group_hidden: int) -> bool:
+    return 0 < padding_rows <= _MAX_PADDING * rows and group_hidden <= _PAD_GROUPS_UNDER
+
+
+def _padded_slots(sizes: tuple[int, ...], n: int, device) -> torch.Tensor:
+    """Where each of the sum(sizes) rows (grouped by expert) goes when every group is padded to n."""
+    counts = torch.tensor(sizes, device=device)
+    group_N = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+    first_N = (torch.cumsum(counts, 0) - counts)[group_N]
+    return group_N * n + torch.arange(group_N.shape[0], device=device) - first_N

@@ -478,14 +478,15 @@ def packed_moe(
 
 # Padding the groups to the largest trades wasted GEMM rows for one batched GEMM per block instead of
 # one GEMM (and one set of element-wise calls) per expert. That pays where several groups share a
-# block: bf16 fwd+bwd on 2 cores, 32 or 64 experts of 250-500 rows (group hidden 0.25-0.5M elements)
-# ran 4-7% faster with 4-13% padding; groups of 2M elements (8 experts of ~1,000 rows x 2,048) ran
-# 3-7% slower with 4-8% padding, as each block holds one group either way.
+# block. The op's fwd+bwd in bf16 on 2 cores: 32 or 64 experts of 250-500 rows (a group's hidden rows
+# 0.25-0.5M elements) ran 4-8% faster with 3.5-13% padding; groups of 2M elements (8 experts of
+# ~1,000 rows x 2,048) ran 3-7% slower with 4-8% padding, as each block holds one group either way.
 _MAX_PADDING = 1 / 8
 _PAD_GROUPS_UNDER = _BLOCK_ELEMENTS // 2  # elements of a group's hidden rows (n * X)
 
 
 def _pads(padding_rows: int, rows: int, group_hidden: int) -> bool:
+    """Whether to pad: `padding_rows` more than the `rows` kept, groups of `group_hidden` elements."""
     return 0 < padding_rows <= _MAX_PADDING * rows and group_hidden <= _PAD_GROUPS_UNDER
 
 

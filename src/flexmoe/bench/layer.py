@@ -1,4 +1,4 @@
-"""`flexmoe bench layer`: one-process MoE layer against the einsum baseline, fairscale and two floors.
+"""`flexmoe bench layer`: one-process MoE layer against the einsum baseline, fairscale and three floors.
 
 For each workload, in one run (same process, same threads):
 - flexmoe: MoELayer forward+backward and forward-only (no_grad); like every forward+backward here,

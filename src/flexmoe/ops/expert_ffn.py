@@ -454,11 +454,12 @@ def packed_moe(
     # without a backward to come (inference) no [N, X] tensor outlives its block
     keep_hpre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     n = max(sizes, default=0)
-    padded = _pads(len(sizes) * n - token_N.shape[0], token_N.shape[0], n * w.w1_GMX.shape[2])
+    P = len(sizes) * n  # rows once every group is padded to n
+    padded = _pads(P - token_N.shape[0], token_N.shape[0], n * w.w1_GMX.shape[2])
     if padded:
         slot_N = _padded_slots(sizes, n, token_N.device)
-        token_N = token_N.new_full((len(sizes) * n,), x_TM.shape[0]).index_copy_(0, slot_N, token_N)
-        weight_N = weight_N.new_zeros(len(sizes) * n).index_copy(0, slot_N, weight_N)
+        token_N = token_N.new_full((P,), x_TM.shape[0]).index_copy_(0, slot_N, token_N)
+        weight_N = weight_N.new_zeros(P).index_copy(0, slot_N, weight_N)
         sizes = (n,) * len(sizes)
     return PackedMoE.apply(
         x_TM.contiguous(),

@@ -8,7 +8,7 @@ PY=${PY:-.venv/bin/python}
 OUT_DIR=${OUT:-bench_results}
 mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-"$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_amp.py
+"$PY" -m pytest -q -m gpu tests/system/test_gpu.py tests/layer/test_amp.py
 "$PY" -m flexmoe.cli bench layer --device cuda --dtype float32 --repeats 10 --warmup 3 --out "$OUT_DIR/layer_cuda_fp32.json"
 "$PY" -m flexmoe.cli bench layer --device cuda --dtype bfloat16 --repeats 10 --warmup 3 --out "$OUT_DIR/layer_cuda_bf16.json"
 "$PY" -m flexmoe.cli bench layer --device cuda --autocast bfloat16 --repeats 10 --warmup 3 --out "$OUT_DIR/layer_cuda_autocast_bf16.json"

@@ -1,10 +1,11 @@
 """flexmoe: mixture-of-experts with one sharded expert layout and run-time adaptive plans."""
 
-from flexmoe.config import MoEConfig, RoutingConfig
-from flexmoe.dispatch import combine, dispatch
+from flexmoe.core.config import MoEConfig, RoutingConfig
+from flexmoe.core.dispatch import combine, dispatch
+from flexmoe.core.plans import Plan, PlanRecord
+from flexmoe.core.routing import RoutingPlan, route, routing_from_topk
 from flexmoe.layer import MoELayer
-from flexmoe.plans import Plan, PlanRecord
-from flexmoe.routing import RoutingPlan, route, routing_from_topk
+from flexmoe.tuning.tuner import TunerConfig
 
 __all__ = [
     "MoEConfig",
@@ -13,6 +14,7 @@ __all__ = [
     "PlanRecord",
     "RoutingConfig",
     "RoutingPlan",
+    "TunerConfig",
     "combine",
     "dispatch",
     "route",

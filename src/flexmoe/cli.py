@@ -9,17 +9,17 @@ from __future__ import annotations
 import importlib
 import sys
 
-from flexmoe.cli_args import ArgumentParser, run
+from flexmoe.app.cli_args import ArgumentParser, run
 
 # sub-command -> (module, help); modules are imported only when their command runs
 COMMANDS = {
     "bench": ("flexmoe.bench", "benchmarks: layer | dist | swin | hf"),
-    "plan": ("flexmoe.planner", "predict the best plan for a layer on large clusters"),
-    "tune": ("flexmoe.tune", "tune a layer or model under torchrun and write a plan file"),
-    "train": ("flexmoe.train", "train a SwinV2-MoE (under torchrun for several processes)"),
-    "eval": ("flexmoe.inference", "evaluate a checkpoint on a data set's held-out split"),
-    "predict": ("flexmoe.inference", "classify images with a checkpoint"),
-    "demo": ("flexmoe.demo", "the demo: SwinV2-MoE on MNIST-5k, 2 processes, adaptive runtime"),
+    "plan": ("flexmoe.app.plan", "predict the best plan for a layer on large clusters"),
+    "tune": ("flexmoe.app.tune", "tune a layer or model under torchrun and write a plan file"),
+    "train": ("flexmoe.app.train", "train a SwinV2-MoE (under torchrun for several processes)"),
+    "eval": ("flexmoe.app.inference", "evaluate a checkpoint on a data set's held-out split"),
+    "predict": ("flexmoe.app.inference", "classify images with a checkpoint"),
+    "demo": ("flexmoe.app.demo", "the demo: SwinV2-MoE on MNIST-5k, 2 processes, adaptive runtime"),
     "lm": ("flexmoe.lm", "a byte-level Qwen3-MoE (transformers) on the Python stdlib, experts sharded"),
 }
 BENCHMARKS = {

@@ -11,26 +11,28 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from flexmoe import agreement
-from flexmoe.amp import autocast_disabled, expert_autocast_dtype
-from flexmoe.comm import ExpertGroups, WeakGroup
-from flexmoe.config import (
+from flexmoe.core.config import (
     ALL_TO_ALL_ALGORITHMS,
-    AUX_LOSSES,
     FLOAT_DTYPES,
-    GATES,
-    SCORE_FUNCTIONS,
     MoEConfig,
     check_dtype,
 )
-from flexmoe.cost_fit import PlanRanker
-from flexmoe.cost_model import (
+from flexmoe.core.experts import Experts
+from flexmoe.core.gates import build_gate
+from flexmoe.core.layout import ExpertLayout
+from flexmoe.core.plans import STATIC_DEFAULT, Plan, PlanRecord
+from flexmoe.core.routing import ExpertChoices, RoutingPlan, assign_slots, choices_from_topk, choose_experts
+from flexmoe.core.shared_experts import SharedExperts
+from flexmoe.ops.amp import autocast_disabled, expert_autocast_dtype
+from flexmoe.parallel import agreement
+from flexmoe.parallel.comm import ExpertGroups, WeakGroup, group_size_and_rank
+from flexmoe.parallel.strategies import build_strategy
+from flexmoe.tuning.cost_model import (
     ClusterSpec,
     CostModel,
     LayerShape,
@@ -38,22 +40,10 @@ from flexmoe.cost_model import (
     default_cluster,
     with_node_size,
 )
-from flexmoe.experts import Experts
-from flexmoe.gates import build_gate
-from flexmoe.layout import ACTIVATIONS, ExpertLayout
-from flexmoe.plan_file import apply_plan_table
-from flexmoe.plans import STATIC_DEFAULT, Plan, PlanRecord
-from flexmoe.routing import RoutingPlan, route, routing_from_topk
-from flexmoe.shared_experts import SharedExperts
-from flexmoe.strategies import build_strategy
-from flexmoe.trial_timer import time_step
-from flexmoe.tuner import PlanTuner, TunerConfig
-
-
-def _group_size_and_rank(group) -> tuple[int, int]:
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+from flexmoe.tuning.plan_table import apply_plan_table
+from flexmoe.tuning.ranker import PlanRanker
+from flexmoe.tuning.trial_timer import time_step
+from flexmoe.tuning.tuner import PlanTuner, TunerConfig
 
 
 def _shared_seed(seed: int | None, group, world_size: int) -> int:
@@ -70,92 +60,51 @@ def _shared_seed(seed: int | None, group, world_size: int) -> int:
 class MoELayer(nn.Module):
     """Sparsely-gated mixture-of-experts FFN with one sharded expert layout for every plan.
 
-    Under torch.autocast the experts run in, and the output has, the autocast dtype (flexmoe.amp)."""
+    Under torch.autocast the experts run in, and the output has, the autocast dtype (flexmoe.ops.amp)."""
 
     def __init__(
         self,
-        model_dim: int,
-        hidden_dim: int,
-        num_experts: int,
-        *,
-        top_k: int = 2,
-        capacity_factor: float = 1.0,
-        eval_capacity_factor: float | None = None,
-        gate: str | None = "linear",
-        gate_noise: float = 0.0,
-        normalize_gate: bool = True,
-        batch_prioritized_routing: bool = False,
-        is_postscore: bool = True,
-        aux_loss: str = "gshard",
-        router_z_loss: float = 0.0,
-        activation: str = "gelu",
-        bias: bool = True,
+        *dims: int,
+        config: MoEConfig | None = None,
         group=None,
-        parallelism: int | str = "adaptive",
-        pipeline_degree: int | str = "adaptive",
-        all_to_all: str = "auto",
-        local_world_size: int | None = None,
-        score_function: str = "softmax",
-        routed_scaling_factor: float = 1.0,
-        num_groups: int = 1,
-        top_k_groups: int | None = None,
-        expert_bias_update_rate: float = 0.0,
-        shared_hidden_dim: int = 0,
-        shared_expert_gate: bool = False,
         tuner: TunerConfig | bool = True,
         cluster: ClusterSpec | None = None,
         plan_table=None,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device=None,
+        **settings,
     ):
+        """`MoELayer(model_dim, hidden_dim, num_experts, **settings)`, any MoEConfig field a keyword,
+        or `MoELayer(config=MoEConfig(...))`. The rest says where and how it runs: the process group
+        (None: WORLD when initialised), the tuner, the cluster its cost model prices, a plan table to
+        start from, the seed of its parameters (None: drawn, the same on every rank), dtype, device."""
         super().__init__()
-        self.config = MoEConfig(
-            model_dim=model_dim,
-            hidden_dim=hidden_dim,
-            num_experts=num_experts,
-            top_k=top_k,
-            capacity_factor=capacity_factor,
-            eval_capacity_factor=eval_capacity_factor,
-            gate=gate,
-            gate_noise=gate_noise,
-            normalize_gate=normalize_gate,
-            batch_prioritized_routing=batch_prioritized_routing,
-            is_postscore=is_postscore,
-            aux_loss=aux_loss,
-            router_z_loss=router_z_loss,
-            activation=activation,
-            bias=bias,
-            parallelism=parallelism,
-            pipeline_degree=pipeline_degree,
-            all_to_all=all_to_all,
-            local_world_size=local_world_size,
-            score_function=score_function,
-            routed_scaling_factor=routed_scaling_factor,
-            num_groups=num_groups,
-            top_k_groups=top_k_groups,
-            expert_bias_update_rate=expert_bias_update_rate,
-            shared_hidden_dim=shared_hidden_dim,
-            shared_expert_gate=shared_expert_gate,
-        )
+        if config is None:
+            config = MoEConfig.from_arguments(dims, settings)
+        elif not isinstance(config, MoEConfig):
+            raise ValueError(f"config must be a flexmoe.MoEConfig, got {type(config).__name__}")
+        elif dims or settings:
+            raise ValueError("give the settings either as config= or as arguments, not both")
+        self.config = c = config
         check_dtype(dtype)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be None or an int, got {seed!r}")
         if not isinstance(tuner, TunerConfig | bool):
-            raise ValueError(f"tuner must be True, False or a flexmoe.tuner.TunerConfig, got {tuner!r}")
-        world_size, rank = _group_size_and_rank(group)
+            raise ValueError(f"tuner must be True, False or a flexmoe.TunerConfig, got {tuner!r}")
+        world_size, rank = group_size_and_rank(group)
         self._group = WeakGroup(group)  # held weakly: a layer must not outlive destroy_process_group's
         # ranks per node: set explicitly, or the topology torchrun reports
-        local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+        local_world_size = c.local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
         # before anything that depends on the settings runs a collective (subgroups, the seed)
         self._check_ranks_agree(world_size, dtype, local_world_size, (tuner, cluster))
         self.layout = ExpertLayout(
-            num_experts=num_experts,
-            model_dim=model_dim,
-            hidden_dim=hidden_dim,
+            num_experts=c.num_experts,
+            model_dim=c.model_dim,
+            hidden_dim=c.hidden_dim,
             world_size=world_size,
             rank=rank,
-            activation=activation,
+            activation=c.activation,
         )
         self._check_fixed_settings()
         self.groups = ExpertGroups(
@@ -169,27 +118,27 @@ class MoELayer(nn.Module):
         # gate=None: no router of its own; every forward gets its routing from outside
         self.gate = (
             None
-            if gate is None
-            else build_gate(gate, model_dim, num_experts, generator=gate_generator, device=device)
+            if c.gate is None
+            else build_gate(c.gate, c.model_dim, c.num_experts, generator=gate_generator, device=device)
         )
-        self.experts = Experts(self.layout, seed=self.seed, bias=bias, dtype=dtype, device=device)
+        self.experts = Experts(self.layout, seed=self.seed, bias=c.bias, dtype=dtype, device=device)
         self.shared_experts = None
-        if shared_hidden_dim:  # drawn after the gate from the same shared stream: identical on every rank
+        if c.shared_hidden_dim:  # drawn after the gate from the same shared stream: identical on every rank
             self.shared_experts = SharedExperts(
-                model_dim,
-                shared_hidden_dim,
-                activation=activation,
-                bias=bias,
-                gated=shared_expert_gate,
+                c.model_dim,
+                c.shared_hidden_dim,
+                activation=c.activation,
+                bias=c.bias,
+                gated=c.shared_expert_gate,
                 generator=gate_generator,
                 dtype=dtype,
                 device=device,
             )
-        if expert_bias_update_rate > 0:
+        if c.expert_bias_update_rate > 0:
             # selection bias (replicated: every rank applies the same update from the group's summed
             # load) and the load counted by training forwards since the last update
-            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device))
-            self.register_buffer("expert_load", torch.zeros(num_experts, device=device), persistent=False)
+            self.register_buffer("expert_bias", torch.zeros(c.num_experts, device=device))
+            self.register_buffer("expert_load", torch.zeros(c.num_experts, device=device), persistent=False)
         self._strategies: dict[Plan, object] = {}
         # the run-time tuner (True: default settings); False keeps "adaptive" on the static default plan
         if tuner is True:
@@ -312,39 +261,14 @@ class MoELayer(nn.Module):
         return plan, self._strategies[run]
 
     def _layer_fields(self, dtype, local_world_size, tuning: tuple) -> list[agreement.Field]:
-        """Every setting that must be equal on all ranks of the group, as fixed-size codes."""
-        c = self.config
-        f = agreement
+        """Every setting that must be equal on all ranks of the group, as fixed-size codes: each field
+        of the config (with the ranks per node in effect), the parameter dtype and the tuner's."""
+        config = dataclasses.replace(self.config, local_world_size=local_world_size)
         return [
-            f.int_field("model_dim", c.model_dim),
-            f.int_field("hidden_dim", c.hidden_dim),
-            f.int_field("num_experts", c.num_experts),
-            f.int_field("top_k", c.top_k),
-            f.choice_field("activation", c.activation, ACTIVATIONS),
-            f.choice_field("gate", c.gate, (None, *GATES)),
-            f.choice_field("bias", c.bias, (False, True)),
-            f.choice_field("dtype", dtype or torch.get_default_dtype(), FLOAT_DTYPES),
-            f.float_field("capacity_factor", c.capacity_factor),
-            f.float_field("eval_capacity_factor", c.eval_capacity_factor),
-            f.float_field("gate_noise", c.gate_noise),
-            f.choice_field("normalize_gate", c.normalize_gate, (False, True)),
-            f.choice_field("batch_prioritized_routing", c.batch_prioritized_routing, (False, True)),
-            f.choice_field("is_postscore", c.is_postscore, (False, True)),
-            f.choice_field("aux_loss", c.aux_loss, AUX_LOSSES),
-            f.float_field("router_z_loss", c.router_z_loss),
-            f.choice_field("score_function", c.score_function, SCORE_FUNCTIONS),
-            f.float_field("routed_scaling_factor", c.routed_scaling_factor),
-            f.int_field("num_groups", c.num_groups),
-            f.int_field("top_k_groups", c.top_k_groups),
-            f.float_field("expert_bias_update_rate", c.expert_bias_update_rate),
-            f.int_field("shared_hidden_dim", c.shared_hidden_dim),
-            f.choice_field("shared_expert_gate", c.shared_expert_gate, (False, True)),
-            f.int_field("parallelism", c.parallelism, unset="'adaptive'"),
-            f.int_field("pipeline_degree", c.pipeline_degree, unset="'adaptive'"),
-            f.choice_field("all_to_all", c.all_to_all, ("auto", *ALL_TO_ALL_ALGORITHMS)),
-            f.int_field("local_world_size", local_world_size),
+            *agreement.config_fields(config),
+            agreement.choice_field("dtype", dtype or torch.get_default_dtype(), FLOAT_DTYPES),
             # the tuner's settings and cluster decide which candidates every rank walks, in lockstep
-            f.Field("tuner and cluster settings (fingerprint)", _fingerprint(repr(tuning)), hex),
+            agreement.Field("tuner and cluster settings (fingerprint)", _fingerprint(repr(tuning)), hex),
         ]
 
     def _check_ranks_agree(self, world_size: int, dtype, local_world_size, tuning: tuple) -> None:
@@ -356,14 +280,14 @@ class MoELayer(nn.Module):
         self._fingerprint = _fingerprint(struct.pack(f"<{len(fields)}q", *(f.code for f in fields)))
         if world_size > 1:
             # on the backend's own device (CPU for gloo, the current GPU for NCCL)
-            agreement.agree(fields, group=self.group, what="MoELayer construction")
+            agreement.agree_fields(fields, group=self.group, what="MoELayer construction")
 
-    def _agree_capacity(self, plan: Plan | None, compute_dtype, device) -> Callable[[int], int] | None:
+    def _agree_capacity(self, plan: Plan | None, capacity: int, compute_dtype, device) -> int:
         """Ranks must run the same plan on the same shapes, or the collectives would hang or abort:
         check it, and take the group's largest capacity, before any token moves. One fixed-size
         collective whatever the plan (a forced and an adaptive step send the same vector)."""
         if self.layout.world_size == 1:
-            return None
+            return capacity
         f = agreement
         fields = [
             f.Field("layer settings (fingerprint)", self._fingerprint),
@@ -378,11 +302,7 @@ class MoELayer(nn.Module):
                 ("adaptive", *ALL_TO_ALL_ALGORITHMS),
             ),
         ]
-
-        def agree(capacity: int) -> int:
-            return f.agree(fields, [capacity], self.group, device=device, what="MoELayer forward")[0]
-
-        return agree
+        return f.agree_fields(fields, [capacity], self.group, device=device, what="MoELayer forward")[0]
 
     # -- forward -----------------------------------------------------------------------------------
     def _validate(self, x: torch.Tensor) -> None:
@@ -395,19 +315,17 @@ class MoELayer(nn.Module):
                 f"x must have last dimension model_dim={self.config.model_dim}, got shape {tuple(x.shape)}"
             )
 
-    def _route(self, x_TM: torch.Tensor, agree, top_k_index, top_k_weights) -> RoutingPlan:
+    def _choose_experts(self, x_TM: torch.Tensor, top_k_index, top_k_weights) -> ExpertChoices:
         """The layer's own gate, or routing given from outside (any router's top-k choices)."""
-        config = self.config.routing(training=self.training)
         if top_k_index is None and top_k_weights is None:
             if self.gate is None:
                 raise ValueError("this layer has no gate (gate=None): pass top_k_index and top_k_weights")
             bias_E = getattr(self, "expert_bias", None)
-            routing = route(
-                self.gate(x_TM), config, training=self.training, agree_capacity=agree, selection_bias_E=bias_E
-            )
+            config = self.config.routing(training=self.training)
+            choices = choose_experts(self.gate(x_TM), config, training=self.training, selection_bias_E=bias_E)
             if bias_E is not None and self.training:
-                self.expert_load += routing.demand_E.to(self.expert_load.dtype)
-            return routing
+                self.expert_load += choices.demand_E.to(self.expert_load.dtype)
+            return choices
         if top_k_index is None or top_k_weights is None:
             raise ValueError("top_k_index and top_k_weights must be given together")
         T = x_TM.shape[0]
@@ -415,13 +333,7 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"top_k_index must be [T, k] with T={T} tokens of x, got shape {tuple(top_k_index.shape)}"
             )
-        return routing_from_topk(
-            top_k_index,
-            top_k_weights,
-            self.config.num_experts,
-            capacity_factor=config.capacity_factor,
-            agree_capacity=agree,
-        )
+        return choices_from_topk(top_k_index, top_k_weights, self.config.num_experts)
 
     def forward(
         self,
@@ -452,22 +364,20 @@ class MoELayer(nn.Module):
             self.tuner.rank_plans.set_bytes_per_element(compute_dtype.itemsize)
         clock = self.tuner.clock if self.tuner is not None else time.perf_counter
         started, trial = clock(), None
+        capacity_factor = self.config.routing(training=self.training).capacity_factor
         with autocast_disabled(device_type):
-            agree = self._agree_capacity(plan, compute_dtype, x.device)
-            routing = self._route(x_TM, agree, top_k_index, top_k_weights)
+            # route: each token's experts and its place in their queues
+            choices = self._choose_experts(x_TM, top_k_index, top_k_weights)
+            # agree capacity: the group's largest, and a check that every rank runs the same step
+            capacity = self._agree_capacity(plan, choices.capacity(capacity_factor), compute_dtype, x.device)
+            # choose plan: a forced or fixed one is known already, the tuner's depends on the capacity
             if plan is None:
-                plan, source = self.tuner.choose(routing.capacity, training=self.training, device=x.device)
+                plan, source = self.tuner.choose(capacity, training=self.training, device=x.device)
                 trial = self.tuner.last_trial
             plan, strategy = self._strategy(plan)
-            routing = routing.padded_to(strategy.capacity_multiple)
-            x_in = x_TM.to(compute_dtype)
-            # the shared experts run beside the routed ones: overlapped with the all-to-all where there is one
-            shared = None if self.shared_experts is None else functools.partial(self.shared_experts, x_in)
-            y_TM, shared_TM = strategy(
-                x_in, routing, is_postscore=self.config.is_postscore, dtype=compute_dtype, beside=shared
-            )
-            if shared_TM is not None:
-                y_TM = y_TM + shared_TM
+            # run the plan's strategy: slots -> dispatch -> experts -> combine
+            routing = assign_slots(choices, capacity, capacity_multiple=strategy.capacity_multiple)
+            y_TM = self._run_strategy(strategy, x_TM.to(compute_dtype), routing, compute_dtype)
         if trial is not None:
             self._trial_timer = time_step(
                 self.tuner, trial, forward_s=clock() - started, x=x_TM, y=y_TM, params=self.parameters()
@@ -478,6 +388,14 @@ class MoELayer(nn.Module):
             r=plan.r, d=plan.d, all_to_all=plan.all_to_all, capacity=routing.capacity, source=source
         )
         return y_TM.to(out_dtype).view(x.shape)
+
+    def _run_strategy(self, strategy, x_TM: torch.Tensor, routing: RoutingPlan, dtype) -> torch.Tensor:
+        # the shared experts run beside the routed ones: overlapped with the all-to-all where there is one
+        shared = None if self.shared_experts is None else functools.partial(self.shared_experts, x_TM)
+        y_TM, shared_TM = strategy(
+            x_TM, routing, is_postscore=self.config.is_postscore, dtype=dtype, beside=shared
+        )
+        return y_TM if shared_TM is None else y_TM + shared_TM
 
     @torch.no_grad()
     def update_expert_bias(self) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The Fairseq / GShard formulation of the same layer: one-hot masks and einsums.
 
 It is what flexmoe replaces and is measured against, and a test oracle: the routing here is
-computed independently of `flexmoe.routing` (masks and cumulative sums instead of a sort), on the
+computed independently of `flexmoe.core.routing` (masks and cumulative sums instead of a sort), on the
 same parameter layout, so both layers can run on identical weights.
 
 Legend: T tokens, M model dim, E experts, C capacity, k choices.
@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexmoe.config import MoEConfig
-from flexmoe.experts import Experts
-from flexmoe.gates import build_gate
-from flexmoe.layout import ExpertLayout
+from flexmoe.core.config import MoEConfig
+from flexmoe.core.experts import Experts
+from flexmoe.core.gates import build_gate
+from flexmoe.core.layout import ExpertLayout
+from flexmoe.core.routing import balancing_loss, capacity_for
 from flexmoe.ops.expert_ffn import activation_forward
-from flexmoe.routing import _aux_loss, capacity_for
 
 
 class GShardMoELayer(nn.Module):
@@ -26,24 +26,23 @@ class GShardMoELayer(nn.Module):
 
     def __init__(
         self,
-        model_dim: int,
-        hidden_dim: int,
-        num_experts: int,
-        *,
+        *dims: int,
+        config: MoEConfig | None = None,
         seed: int = 0,
         dtype=None,
         device=None,
         group=None,
-        parallelism="adaptive",
-        pipeline_degree="adaptive",
-        all_to_all="auto",
-        **routing,
+        **settings,
     ):
+        """Built as MoELayer is: `(model_dim, hidden_dim, num_experts, **settings)` or `config=`."""
         super().__init__()
         if group is not None:
             raise ValueError("group: the einsum baseline runs on one process only (group=None)")
-        self.config = MoEConfig(
-            model_dim=model_dim, hidden_dim=hidden_dim, num_experts=num_experts, **routing
+        self.config = config if config is not None else MoEConfig.from_arguments(dims, settings)
+        model_dim, hidden_dim, num_experts = (
+            self.config.model_dim,
+            self.config.hidden_dim,
+            self.config.num_experts,
         )
         layout = ExpertLayout(
             num_experts=num_experts,
@@ -110,5 +109,5 @@ class GShardMoELayer(nn.Module):
             out_ECM = out_ECM + w.b2_GM.unsqueeze(1)
         combine_src = combine_TEC.to(x_TM.dtype) if c.is_postscore else dispatch_TEC
         y_TM = torch.einsum("tec,ecm->tm", combine_src, out_ECM)
-        self.aux_loss = _aux_loss(rc, clean_TE, noisy_TE, scores_TE, experts_TK, noise_std)
+        self.aux_loss = balancing_loss(rc, clean_TE, noisy_TE, scores_TE, experts_TK, noise_std)
         return y_TM.to(x.dtype).view(x.shape)

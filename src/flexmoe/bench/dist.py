@@ -35,7 +35,6 @@ from flexmoe.bench.common import (
     environment,
     format_table,
     matmul_rates,
-    write_json,
 )
 from flexmoe.bench.in_model import (
     Phase,
@@ -45,9 +44,17 @@ from flexmoe.bench.in_model import (
     summarize_stationary,
     summarize_totals,
 )
-from flexmoe.comm import ExpertGroups, max_over_ranks
-from flexmoe.cost_fit import spearman
-from flexmoe.cost_model import PRESETS, ClusterSpec, CostModel, LayerShape, candidate_plans, with_node_size
+from flexmoe.json_file import write_json
+from flexmoe.parallel.comm import ExpertGroups, max_over_ranks
+from flexmoe.tuning.cost_model import (
+    PRESETS,
+    ClusterSpec,
+    CostModel,
+    LayerShape,
+    candidate_plans,
+    with_node_size,
+)
+from flexmoe.tuning.ranker import spearman
 
 
 @dataclass(frozen=True, kw_only=True)

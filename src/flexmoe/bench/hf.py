@@ -27,8 +27,8 @@ from flexmoe.bench.common import (
     paired_ratio,
     rates_from_times,
     synchronize,
-    write_json,
 )
+from flexmoe.json_file import write_json
 
 MODEL = dict(
     vocab_size=256,
@@ -237,8 +237,8 @@ def two_process(
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from flexmoe.data_parallel import wrap_data_parallel
     from flexmoe.integrations.transformers import shard_experts
+    from flexmoe.parallel.data_parallel import wrap_data_parallel
 
     rank, W = dist.get_rank(), dist.get_world_size()
     rates = matmul_rates(device=device)  # every rank at once, as the steps run

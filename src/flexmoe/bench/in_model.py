@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe import MoELayer, Plan
-from flexmoe.comm import max_over_ranks
-from flexmoe.cost_fit import spearman
-from flexmoe.tuner import EXPLORE, TunerConfig
+from flexmoe.parallel.comm import max_over_ranks
+from flexmoe.tuning.ranker import spearman
+from flexmoe.tuning.tuner import EXPLORE, TunerConfig
 
 
 @dataclass(frozen=True, kw_only=True)

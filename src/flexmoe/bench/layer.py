@@ -41,7 +41,6 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer
-from flexmoe.amp import autocast_disabled
 from flexmoe.baselines import GShardMoELayer
 from flexmoe.bench.common import (
     add_cpu_allocator_argument,
@@ -53,12 +52,13 @@ from flexmoe.bench.common import (
     paired_ratio,
     rates_from_times,
     square_matmul_step,
-    write_json,
 )
 from flexmoe.bench.memory import working_memory
-from flexmoe.dispatch import combine, dispatch
+from flexmoe.core.dispatch import combine, dispatch
+from flexmoe.core.routing import route
+from flexmoe.json_file import write_json
+from flexmoe.ops.amp import autocast_disabled
 from flexmoe.ops.expert_ffn import activation_backward, activation_forward, grouped_expert_ffn
-from flexmoe.routing import route
 
 
 @dataclass(frozen=True, kw_only=True)

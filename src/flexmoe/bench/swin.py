@@ -21,8 +21,8 @@ from flexmoe.bench.common import (
     format_table,
     interleaved_times,
     paired_ratio,
-    write_json,
 )
+from flexmoe.json_file import write_json
 from flexmoe.models import create_model
 
 CONFIG = dict(

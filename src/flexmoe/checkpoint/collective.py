@@ -47,7 +47,7 @@ def _raise_reported(reports: list) -> None:
             raise _ERROR_TYPES.get(kind, RuntimeError)(f"rank {rank}: {message}")
 
 
-def agree(comm: Comm, error: BaseException | None) -> None:
+def fail_together(comm: Comm, error: BaseException | None) -> None:
     """Every rank learns whether any rank failed, and all of them raise (a lone failure would leave the
     other ranks waiting in the next collective). The failing rank raises its own exception."""
     reports = comm.all_gather(_report(error))
@@ -57,7 +57,7 @@ def agree(comm: Comm, error: BaseException | None) -> None:
 
 
 def gather(comm: Comm, error: BaseException | None, value) -> list:
-    """`agree`, and every rank's `value` (in rank order) when no rank failed."""
+    """`fail_together`, and every rank's `value` (in rank order) when no rank failed."""
     reports = comm.all_gather((_report(error), value))
     if error is not None:
         raise error

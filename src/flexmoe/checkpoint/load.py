@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from flexmoe.checkpoint import files, integrity
-from flexmoe.checkpoint.collective import Comm, agree
+from flexmoe.checkpoint.collective import Comm, fail_together
 from flexmoe.checkpoint.model_state import (
     expert_modules,
     expert_params,
@@ -24,8 +24,8 @@ from flexmoe.checkpoint.model_state import (
     unwrap,
 )
 from flexmoe.checkpoint.reslice import IndexMaps, rebuild_shard, saved_sources
-from flexmoe.experts import EXPERT_PARAM_NAMES, Experts
-from flexmoe.layout import ExpertLayout
+from flexmoe.core.experts import EXPERT_PARAM_NAMES, Experts
+from flexmoe.core.layout import ExpertLayout
 
 
 class _RankFiles:
@@ -281,7 +281,7 @@ def load_checkpoint(
         meta, loaded = _read_checkpoint(files.target_path(path), model, optimizer, scheduler)
     except Exception as exc:
         error = exc
-    agree(comm, error)
+    fail_together(comm, error)
     model.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

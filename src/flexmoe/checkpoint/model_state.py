@@ -8,8 +8,8 @@ import io
 import torch
 from torch import nn
 
-from flexmoe.experts import EXPERT_PARAM_NAMES, Experts
-from flexmoe.layout import ExpertLayout
+from flexmoe.core.experts import EXPERT_PARAM_NAMES, Experts
+from flexmoe.core.layout import ExpertLayout
 
 
 def unwrap(model: nn.Module) -> nn.Module:

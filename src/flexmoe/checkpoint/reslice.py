@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from flexmoe.checkpoint.model_state import full_shapes
-from flexmoe.layout import ExpertLayout
+from flexmoe.core.layout import ExpertLayout
 
 
 class IndexMaps:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flexmoe.checkpoint import files, integrity
-from flexmoe.checkpoint.collective import Comm, agree, gather, on_first_rank
+from flexmoe.checkpoint.collective import Comm, fail_together, gather, on_first_rank
 from flexmoe.checkpoint.model_state import (
     check_weights_only,
     compact,
@@ -24,7 +24,7 @@ from flexmoe.checkpoint.model_state import (
     tuner_states,
     unwrap,
 )
-from flexmoe.experts import Experts
+from flexmoe.core.experts import Experts
 
 
 def _expert_payload(experts: dict[str, Experts], optimizer) -> tuple[dict, dict]:
@@ -119,7 +119,7 @@ def save_checkpoint(
             shared = _replicated_payload(model, experts, optimizer, scheduler, names, groups, extra)
     except Exception as exc:
         error = exc
-    agree(comm, error)
+    fail_together(comm, error)
     signatures = comm.all_gather(signature)
 
     # 2. the first rank checks that the ranks agree and prepares the temporary directory

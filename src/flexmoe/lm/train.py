@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flexmoe.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
+from flexmoe.app.reporting import tuner_report
 from flexmoe.lm.data import VOCAB, ByteCorpus
-from flexmoe.reporting import tuner_report
+from flexmoe.parallel.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,7 +189,8 @@ def _progress(total: int, *, enabled: bool):
 
 
 def _write(out: Path, metrics: dict) -> None:
-    from flexmoe.bench.common import environment, write_json
+    from flexmoe.bench.common import environment
+    from flexmoe.json_file import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     metrics["environment"] = environment()
@@ -235,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> LMConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from flexmoe.train import init_distributed
+    from flexmoe.app.launch import init_distributed
 
     config = parse_args(argv)
     rank, _, _ = init_distributed()

@@ -20,7 +20,7 @@ import dataclasses
 from torch import nn
 
 from flexmoe.models.swinv2 import Mlp, SwinV2, SwinV2Block, SwinV2Config, WindowAttention
-from flexmoe.models.swinv2_moe import MoEMlp, SwinV2MoE, SwinV2MoEConfig, build_moe_layer
+from flexmoe.models.swinv2_moe import MoEMlp, SwinV2MoE, SwinV2MoEConfig, build_moe_layer, swinv2_moe_config
 
 # The MNIST-sized pair: 28x28 greyscale, patch 2 -> token grids 14, 7, 4, 2 (window 7, clamped at 4 and 2).
 _TINY = dict(
@@ -81,10 +81,13 @@ def list_models() -> list[str]:
 
 
 def model_config(name: str, **overrides) -> SwinV2Config:
-    """The registered configuration of `name`, with fields overridden (validated)."""
+    """The registered configuration of `name`, with fields overridden (validated). SwinV2-MoE models
+    take MoE layer fields too (MoEConfig's names: num_experts, gate, ...)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; accepted names: {', '.join(list_models())}")
     cls, base = _REGISTRY[name]
+    if cls is SwinV2MoEConfig:
+        return swinv2_moe_config(**{**base, **overrides})
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
@@ -111,4 +114,5 @@ __all__ = [
     "create_model",
     "list_models",
     "model_config",
+    "swinv2_moe_config",
 ]

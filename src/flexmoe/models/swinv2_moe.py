@@ -14,79 +14,72 @@ Legend: B batch, L tokens per image, C channels (= model dim M of the MoE layer)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from flexmoe import MoEConfig, MoELayer
 from flexmoe.models.swinv2 import Mlp, SwinV2, SwinV2Config
 
 MOE_IMPLEMENTATIONS = ("flexmoe", "einsum")
-GATES = ("linear", "cosine")
-AUX_LOSSES = ("gshard", "importance_load")
+# Swin-MoE's recipe: the MoE layers' settings unless the config gives its own `moe`
+SWIN_MOE_RECIPE = dict(
+    num_experts=8,
+    top_k=1,
+    capacity_factor=1.25,
+    gate_noise=1.0,
+    normalize_gate=False,  # Swin-MoE's NORMALIZE_GATE; only matters for top_k > 1
+    batch_prioritized_routing=True,
+    aux_loss="importance_load",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
 class SwinV2MoEConfig(SwinV2Config):
-    """SwinV2Config plus where the MoE layers go and how they route (Swin-MoE defaults)."""
+    """SwinV2Config plus where the MoE layers go and how they are built.
 
-    num_experts: int = 8
+    `moe` holds every MoE layer setting (flexmoe.MoEConfig, declared there once); each MoE block's
+    layer takes it with its own model_dim (the stage's width) and hidden_dim (mlp_ratio x width).
+    None: Swin-MoE's recipe (SWIN_MOE_RECIPE). `with_moe_settings` changes single fields of it."""
+
+    moe: MoEConfig | None = None
     # one tuple of block indices per stage; None = every odd block of the last two stages (Swin-MoE).
     # A stage entry (-1,) means no MoE block in that stage, as in the Swin-MoE configs.
     moe_blocks: tuple[tuple[int, ...], ...] | None = None
-    top_k: int = 1
-    capacity_factor: float = 1.25  # > 0 fixed, 0 dropless, < 0 dynamic with upper bound (DESIGN section 2)
-    eval_capacity_factor: float | None = None  # None: same as capacity_factor; 0: dropless at inference
-    gate: str = "linear"  # "linear" | "cosine"
-    gate_noise: float = 1.0
-    normalize_gate: bool = False  # Swin-MoE's NORMALIZE_GATE; only matters for top_k > 1
-    batch_prioritized_routing: bool = True
-    is_postscore: bool = True
-    aux_loss: str = "importance_load"  # "gshard" | "importance_load"
     aux_loss_weight: float = 0.01
-    router_z_loss: float = 0.0
-    moe_activation: str = "gelu"
-    moe_bias: bool = True
     moe_dropout: float = 0.0  # dropout on the MoE layer's output (Swin-MoE MOE_DROP)
     moe_implementation: str = "flexmoe"  # "flexmoe" | "einsum"
-    # passed through to MoELayer
     group: object = field(default=None, compare=False, repr=False)  # torch.distributed process group
-    parallelism: int | str = "adaptive"
-    pipeline_degree: int | str = "adaptive"
-    all_to_all: str = "auto"
     seed: int | None = None  # MoE layer i uses seed + i; None: drawn from torch's RNG
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (
-            isinstance(self.num_experts, bool)
-            or not isinstance(self.num_experts, int)
-            or self.num_experts < 1
-        ):
-            raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}")
-        if (
-            isinstance(self.top_k, bool)
-            or not isinstance(self.top_k, int)
-            or not 1 <= self.top_k <= self.num_experts
-        ):
+        if self.moe is None:
+            width = self.embed_dim
+            recipe = MoEConfig(model_dim=width, hidden_dim=int(width * self.mlp_ratio), **SWIN_MOE_RECIPE)
+            object.__setattr__(self, "moe", recipe)
+        elif not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"moe must be a flexmoe.MoEConfig or None, got {type(self.moe).__name__}")
+        if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             raise ValueError(
-                f"top_k must be an integer in [1, num_experts={self.num_experts}], got {self.top_k!r}"
+                f"moe_implementation must be one of {MOE_IMPLEMENTATIONS}, got {self.moe_implementation!r}"
             )
-        for name, value, accepted in (
-            ("gate", self.gate, GATES),
-            ("aux_loss", self.aux_loss, AUX_LOSSES),
-            ("moe_implementation", self.moe_implementation, MOE_IMPLEMENTATIONS),
-        ):
-            if value not in accepted:
-                raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
-        if self.gate_noise < 0:
-            raise ValueError(f"gate_noise must be >= 0, got {self.gate_noise}")
         if self.aux_loss_weight < 0:
             raise ValueError(f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
         if not 0.0 <= self.moe_dropout < 1.0:
             raise ValueError(f"moe_dropout must be in [0, 1), got {self.moe_dropout}")
         if self.moe_blocks is not None:
             object.__setattr__(self, "moe_blocks", self._checked_moe_blocks())
+
+    def with_moe_settings(self, **settings) -> SwinV2MoEConfig:
+        """This config with MoE layer fields changed (MoEConfig's names: num_experts, gate, ...)."""
+        return dataclasses.replace(self, moe=dataclasses.replace(self.moe, **settings))
+
+    def layer_config(self, dim: int, hidden_dim: int) -> MoEConfig:
+        """The MoE layer settings of a block of width `dim`."""
+        return dataclasses.replace(self.moe, model_dim=dim, hidden_dim=hidden_dim)
 
     def _checked_moe_blocks(self) -> tuple[tuple[int, ...], ...]:
         try:
@@ -115,50 +108,38 @@ class SwinV2MoEConfig(SwinV2Config):
         return frozenset((s, i) for s, stage in enumerate(self.moe_blocks) for i in stage if i >= 0)
 
 
+def swinv2_moe_config(**fields) -> SwinV2MoEConfig:
+    """A SwinV2MoEConfig from model fields and MoE layer fields (MoEConfig's names: num_experts, gate,
+    ...) in one call, as `create_model` overrides and `flexmoe train --model-overrides` give them."""
+    model_fields = {f.name for f in dataclasses.fields(SwinV2MoEConfig)}
+    moe_fields = {f.name for f in dataclasses.fields(MoEConfig)} - {"model_dim", "hidden_dim"}
+    unknown = sorted(set(fields) - model_fields - moe_fields)
+    if unknown:
+        accepted = ", ".join(sorted(model_fields | moe_fields))
+        raise ValueError(f"SwinV2-MoE has no config field(s) {unknown}; fields: {accepted}")
+    config = SwinV2MoEConfig(**{k: v for k, v in fields.items() if k in model_fields})
+    moe_settings = {k: v for k, v in fields.items() if k in moe_fields}
+    return config.with_moe_settings(**moe_settings) if moe_settings else config
+
+
 def _moe_class(implementation: str) -> type[nn.Module]:
     if implementation == "einsum":
-        try:
-            from flexmoe.baselines import GShardMoELayer
-        except ImportError as err:
-            raise ImportError(
-                f"moe_implementation='einsum' needs flexmoe.baselines.GShardMoELayer: {err}"
-            ) from err
-        return GShardMoELayer
-    from flexmoe import MoELayer
+        from flexmoe.baselines import GShardMoELayer
 
+        return GShardMoELayer
     return MoELayer
 
 
 def build_moe_layer(config: SwinV2MoEConfig, dim: int, hidden_dim: int, index: int) -> nn.Module:
-    """The MoE layer of the index-th MoE block, with the config's routing and parallel settings."""
+    """The MoE layer of the index-th MoE block, with the config's MoE settings and process group."""
     if config.seed is not None:
         seed = config.seed + index
     elif config.moe_implementation == "einsum":  # the baseline needs an int seed: draw it like MoELayer does
         seed = int(torch.randint(0, 2**62, (1,)))
     else:
         seed = None
-    return _moe_class(config.moe_implementation)(
-        dim,
-        hidden_dim,
-        config.num_experts,
-        top_k=config.top_k,
-        capacity_factor=config.capacity_factor,
-        eval_capacity_factor=config.eval_capacity_factor,
-        gate=config.gate,
-        gate_noise=config.gate_noise,
-        normalize_gate=config.normalize_gate,
-        batch_prioritized_routing=config.batch_prioritized_routing,
-        is_postscore=config.is_postscore,
-        aux_loss=config.aux_loss,
-        router_z_loss=config.router_z_loss,
-        activation=config.moe_activation,
-        bias=config.moe_bias,
-        group=config.group,
-        parallelism=config.parallelism,
-        pipeline_degree=config.pipeline_degree,
-        all_to_all=config.all_to_all,
-        seed=seed,
-    )
+    layer_config = config.layer_config(dim, hidden_dim)
+    return _moe_class(config.moe_implementation)(config=layer_config, group=config.group, seed=seed)
 
 
 class MoEMlp(nn.Module):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flexmoe.amp import amp_backward, amp_forward
+from flexmoe.ops.amp import amp_backward, amp_forward
 
 
 def activation_forward(kind: str, hpre_RX: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:

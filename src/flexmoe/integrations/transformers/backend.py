@@ -18,9 +18,9 @@ from torch import nn
 from transformers import activations as hf_activations
 from transformers.integrations import moe as hf_moe
 
+from flexmoe.core.routing import routing_from_topk
 from flexmoe.ops.expert_ffn import ExpertWeights
-from flexmoe.routing import routing_from_topk
-from flexmoe.strategies import run_packed
+from flexmoe.parallel.strategies import run_packed
 
 BACKEND_NAME = "flexmoe"
 

@@ -6,7 +6,7 @@ Legend: E experts, M model dim, I expert hidden dim, X fc1 width (2I gated), W r
 without a gate (routing comes from the model's own router, dropless) that holds 1/W of them
 (whole experts when E >= W, hidden slices when E < W) and runs flexmoe's plans with the adaptive
 runtime. The router, shared experts, attention and everything else stay as they are. Expert shards
-are marked like every flexmoe expert parameter, so `flexmoe.data_parallel.wrap_data_parallel`
+are marked like every flexmoe expert parameter, so `flexmoe.parallel.data_parallel.wrap_data_parallel`
 leaves them out of DDP's all-reduce; their gradient is that of the sum of all ranks' losses.
 `unshard_experts(model)` all-gathers the shards back into the module's own parameters.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flexmoe.comm import all_gather_shards
+from flexmoe.core.layout import ExpertLayout
 from flexmoe.integrations.transformers.backend import (
     BACKEND_NAME,
     check_supported,
@@ -24,7 +24,7 @@ from flexmoe.integrations.transformers.backend import (
     is_transposed,
 )
 from flexmoe.layer import MoELayer
-from flexmoe.layout import ExpertLayout
+from flexmoe.parallel.comm import all_gather_shards
 
 _RESTORE_ATTR = "_flexmoe_previous_experts_implementation"
 

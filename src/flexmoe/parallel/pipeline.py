@@ -1,0 +1,249 @@
+"""All-to-all overlapped with expert compute in d capacity chunks, forward and backward (DESIGN 4).
+
+Legend: W ranks, L local experts (E_local), Cp capacity rows per (rank, local expert) in the send
+buffer, c = Cp / d rows per chunk, M model dim, R = L * W * c rows of a received chunk, N of them
+hold a token.
+
+    send [W, L, Cp, M] --a2a--> recv [W, L, c, M] per chunk --> flexible layout [L, W * c, M]
+      --> filled rows only --> expert FFN --> [W, L, c, M] --a2a back--> ret [W, L, Cp, M]
+
+All d chunk all-to-alls are started asynchronously up front; while the experts compute chunk i the
+later chunks are in flight, and chunk i's return all-to-all overlaps the compute of chunk i + 1.
+Backward runs the same schedule on the gradients (the adjoint of an all-to-all is an all-to-all),
+accumulating the weight gradients chunk by chunk. Results do not depend on d.
+
+Capacity slots that no token filled are never multiplied: the filled rows of every (sender, local
+expert, chunk) are a prefix (routing fills slots in order), so the senders' row counts, exchanged by
+one small all-to-all started together with the data chunks, say exactly which received rows to pack.
+
+Other work can run beside the exchange (`beside`: the layer's shared experts): StartExchange starts the
+chunks, the work runs, PipelinedExpertExchange waits; in backward the engine runs the work's backward
+between PipelinedExpertExchange.backward starting the gradient chunks and StartExchange.backward
+waiting for them (tests/parallel/test_shared_overlap.py records that order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from flexmoe.ops.amp import amp_backward, amp_forward
+from flexmoe.ops.expert_ffn import ExpertWeights, ffn_backward, ffn_forward
+
+
+def _to_flexible(recv_WLcM: torch.Tensor) -> torch.Tensor:
+    """[W, L, c, M] -> [L * W * c, M]: each local expert's rows from every rank contiguous, so the
+    expert GEMMs keep one large shape at any W."""
+    W, L, c, M = recv_WLcM.shape
+    return recv_WLcM.permute(1, 0, 2, 3).reshape(L * W * c, M)
+
+
+def _from_flexible(rows: torch.Tensor, W: int, L: int, c: int) -> torch.Tensor:
+    return rows.view(L, W, c, -1).permute(1, 0, 2, 3).contiguous()
+
+
+def _chunks(t: torch.Tensor, d: int) -> list[torch.Tensor]:
+    return [part.contiguous() for part in t.chunk(d, dim=2)]
+
+
+@dataclass(frozen=True)
+class FilledRows:
+    """The rows of one received chunk, in the flexible layout [L * W * c], that hold a token."""
+
+    index: torch.Tensor | None  # None: every row is filled
+    sizes: tuple[int, ...]  # filled rows per local expert, the grouped FFN's group sizes
+
+    @staticmethod
+    def from_counts(filled_WL: torch.Tensor, c: int) -> FilledRows:
+        """filled_WL: rows of the chunk that sender w filled for local expert l (a prefix of its c)."""
+        W, L = filled_WL.shape
+        sizes = tuple(int(n) for n in filled_WL.sum(0).tolist())
+        if sum(sizes) == L * W * c:
+            return FilledRows(None, sizes)
+        mask_LWc = torch.arange(c, device=filled_WL.device) < filled_WL.t().unsqueeze(-1)
+        return FilledRows(mask_LWc.reshape(-1).nonzero().squeeze(1), sizes)
+
+    def pack(self, rows_RM: torch.Tensor) -> torch.Tensor:
+        return rows_RM if self.index is None else rows_RM.index_select(0, self.index)
+
+    def unpack(self, packed_NM: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Back to all rows; rows without a token are zeros (their senders never read them)."""
+        if self.index is None:
+            return packed_NM
+        rows = packed_NM.new_zeros(num_rows, packed_NM.shape[1])
+        return rows.index_copy_(0, self.index, packed_NM)
+
+
+class Exchange:
+    """The all-to-alls in flight between StartExchange and PipelinedExpertExchange (forward: the counts
+    and the inbound chunks; backward: the outbound gradient chunks): a plain object, not a tensor."""
+
+    def __init__(self):
+        self.shape = self.counts = self.inbound = self.outbound = None
+
+    def start(self, send_WLCM, filled_WLd, groups, d: int, algorithm: str) -> Exchange:
+        self.shape = send_WLCM.shape
+        self.counts = groups.all_to_all_start(filled_WLd, "flat")
+        self.inbound = [groups.all_to_all_start(chunk, algorithm) for chunk in _chunks(send_WLCM, d)]
+        return self
+
+    def take_inbound(self):
+        counts, inbound = self.counts, self.inbound
+        self.counts = self.inbound = None  # the received chunks need not outlive the forward
+        return counts, inbound
+
+    def finish_outbound(self) -> torch.Tensor:
+        outbound, self.outbound = self.outbound, None
+        return _finish(outbound)
+
+
+def _finish(handles) -> torch.Tensor:
+    return torch.cat([handle.wait() for handle in handles], dim=2)
+
+
+class StartExchange(torch.autograd.Function):
+    """Starts the exchange so that other work (the shared experts) runs while the chunks are in
+    flight. Its backward waits for the gradient chunks PipelinedExpertExchange.backward started: the
+    engine runs ready nodes latest-created first, so the work created between the two runs before."""
+
+    @staticmethod
+    @amp_forward(cast_inputs=True)  # what travels is in the autocast dtype
+    def forward(ctx, send_WLCM, filled_WLd, exchange: Exchange, groups, d: int, algorithm: str):
+        ctx.exchange = exchange.start(send_WLCM, filled_WLd, groups, d, algorithm)
+        return send_WLCM.new_empty(0)  # a token: PipelinedExpertExchange's input, for the graph's order
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, _grad_token):
+        return ctx.exchange.finish_outbound(), None, None, None, None, None
+
+
+class PipelinedExpertExchange(torch.autograd.Function):
+    """`send_or_token`: the send buffer, or, with `exchange` (started by StartExchange), its token."""
+
+    @staticmethod
+    @amp_forward(cast_inputs=True)  # tokens and weights in the autocast dtype: what travels is low precision
+    def forward(
+        ctx,
+        send_or_token,
+        exchange,
+        filled_WLd,
+        w1,
+        b1,
+        w2,
+        b2,
+        groups,
+        d: int,
+        algorithm: str,
+        activation: str,
+    ):
+        # StartExchange's node (None: no gradient flows to it), whose backward waits for the gradient
+        # chunks this backward starts; the token is already in the autocast dtype, so not recast here
+        ctx.started = exchange is not None
+        ctx.start_node = send_or_token.grad_fn if ctx.started else None
+        if not ctx.started:
+            exchange = Exchange().start(send_or_token, filled_WLd, groups, d, algorithm)
+        W, L, Cp, M = exchange.shape
+        assert Cp % d == 0, "capacity must be padded to a multiple of d"
+        c = Cp // d
+        weights = ExpertWeights(w1, b1, w2, b2, activation)
+        counts, inbound = exchange.take_inbound()
+        received_WLd = counts.wait()
+        filled = [FilledRows.from_counts(received_WLd[:, :, i], c) for i in range(d)]
+        outbound, saved = [], []
+        for handle, rows in zip(inbound, filled, strict=True):
+            x_NM = rows.pack(_to_flexible(handle.wait()))
+            y_NM, hpre = ffn_forward(x_NM, weights, rows.sizes)
+            saved += [x_NM, hpre]  # the activation is recomputed from hpre in backward
+            y_RM = rows.unpack(y_NM, L * W * c)
+            outbound.append(groups.all_to_all_start(_from_flexible(y_RM, W, L, c), algorithm))
+        ret = _finish(outbound)
+        ctx.save_for_backward(w1, b1, w2, b2, *saved)
+        ctx.groups, ctx.d, ctx.algorithm, ctx.activation = groups, d, algorithm, activation
+        ctx.shape, ctx.filled = (W, L, c), filled
+        ctx.exchange = exchange
+        return ret
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad_ret_WLCM):
+        w1, b1, w2, b2, *saved = ctx.saved_tensors
+        weights = ExpertWeights(w1, b1, w2, b2, ctx.activation)
+        W, L, c = ctx.shape
+        needs = ctx.needs_input_grad
+        need_weights = any(needs[3:7])
+        inbound = [ctx.groups.all_to_all_start(g, ctx.algorithm) for g in _chunks(grad_ret_WLCM, ctx.d)]
+        outbound = []
+        totals = None
+        for i, (handle, rows) in enumerate(zip(inbound, ctx.filled, strict=True)):
+            x_NM, hpre = saved[2 * i : 2 * i + 2]
+            grads = ffn_backward(
+                rows.pack(_to_flexible(handle.wait())),
+                x_NM,
+                hpre,
+                weights,
+                rows.sizes,
+                need_input_grad=True,
+                need_weight_grads=need_weights,
+            )
+            grad_x_RM = rows.unpack(grads.x_RM, L * W * c)
+            # every rank sends its share whether or not it needs the result: the exchange is collective
+            outbound.append(ctx.groups.all_to_all_start(_from_flexible(grad_x_RM, W, L, c), ctx.algorithm))
+            if need_weights:
+                parts = (grads.w1_GMX, grads.b1_GX, grads.w2_GHM, grads.b2_GM)
+                totals = (
+                    parts
+                    if totals is None
+                    else tuple(None if t is None else t.add_(p) for t, p in zip(totals, parts, strict=True))
+                )
+        gw1, gb1, gw2, gb2 = totals if totals is not None else (None,) * 4
+        start = ctx.start_node
+        if start is not None and torch._C._will_engine_execute_node(start):
+            # StartExchange.backward waits, after the nodes created between the two (shared experts)
+            ctx.exchange.outbound = outbound
+            grad_first = grad_ret_WLCM.new_zeros(0)
+        else:  # no StartExchange, or this backward does not reach it: wait here
+            grad_send = _finish(outbound)
+            grad_first = grad_send if needs[0] and not ctx.started else None
+        return grad_first, None, None, gw1, gb1, gw2, gb2, None, None, None, None
+
+
+def pipelined_expert_exchange(
+    send_WLCM: torch.Tensor,
+    filled_WLC: torch.Tensor,
+    weights: ExpertWeights,
+    groups,
+    *,
+    d: int,
+    algorithm: str,
+    beside: Callable[[], Any] | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """Differentiable: send buffer [W, L, Cp, M] -> (the experts' outputs back at the senders, same
+    shape; beside()). filled_WLC (bool [W, L, Cp]) marks the rows that hold a token: a prefix of every
+    (w, l) block, the rows the receiving experts multiply; the other rows come back as zeros.
+    `beside` (other work, e.g. the shared experts) runs while the chunks are in flight, and its
+    backward while the gradient chunks travel back; None: nothing runs beside, no extra node."""
+    W, L, Cp = filled_WLC.shape
+    filled_WLd = filled_WLC.view(W, L, d, Cp // d).sum(-1)  # per chunk
+    first, exchange, side = send_WLCM.contiguous(), None, None
+    if beside is not None:
+        exchange = Exchange()  # started by StartExchange.forward
+        first = StartExchange.apply(first, filled_WLd, exchange, groups, d, algorithm)
+        side = beside()
+    ret = PipelinedExpertExchange.apply(
+        first,
+        exchange,
+        filled_WLd,
+        weights.w1_GMX,
+        weights.b1_GX,
+        weights.w2_GHM,
+        weights.b2_GM,
+        groups,
+        d,
+        algorithm,
+        weights.activation,
+    )
+    return ret, side

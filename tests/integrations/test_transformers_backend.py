@@ -1,0 +1,151 @@
+"""The "flexmoe" experts backend inside transformers: tiny random models give the same logits and
+every gradient as transformers' "eager" experts (float64, 1e-10; float32 close); weights are used
+in place (views); unsupported experts are refused with a clear error."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.integrations import moe as hf_moe  # noqa: E402
+
+import flexmoe.integrations.transformers as fx  # noqa: E402  (registers the backend)
+from flexmoe.testing.hf_tiny import tiny_batch, tiny_model  # noqa: E402
+
+MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe"]
+
+
+def _run(model, ids):
+    model.train()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_flexmoe_backend_equals_eager_float64(name, monkeypatch):
+    ids = tiny_batch(seed=1)
+    eager = tiny_model(name, implementation="eager")
+    ours = tiny_model(name, implementation="flexmoe")
+    calls = []
+    run_packed = fx.backend.run_packed
+    monkeypatch.setattr(fx.backend, "run_packed", lambda *a, **k: calls.append(1) or run_packed(*a, **k))
+    want_logits, want_grads = _run(eager, ids)
+    assert not calls
+    got_logits, got_grads = _run(ours, ids)
+    assert len(calls) == len(fx.moe_experts_modules(ours))  # every MoE block ran through flexmoe
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-10)
+    assert got_grads.keys() == want_grads.keys()
+    assert any("experts" in n for n in got_grads)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(got_grads[n], g, rtol=0, atol=1e-10, msg=n)
+
+
+def test_flexmoe_backend_float32_close_to_eager():
+    ids = tiny_batch(seed=2, batch=3, length=9)
+    want_logits, want_grads = _run(tiny_model("qwen3_moe", dtype=torch.float32), ids)
+    got_logits, got_grads = _run(tiny_model("qwen3_moe", dtype=torch.float32, implementation="flexmoe"), ids)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(got_grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_backend_switches_at_run_time_and_uses_the_weights_in_place():
+    model = tiny_model("mixtral")
+    model.set_experts_implementation("flexmoe")
+    experts = fx.moe_experts_modules(model)
+    assert len(experts) == 2
+    for module in experts.values():
+        w = fx.expert_weights(module)
+        assert w.activation == "swiglu"
+        assert w.w1_GMX.data_ptr() == module.gate_up_proj.data_ptr()  # a view: nothing copied
+        assert w.w2_GHM.data_ptr() == module.down_proj.data_ptr()
+        assert w.w1_GMX.shape == (4, 16, 24) and w.w2_GHM.shape == (4, 12, 16)
+
+
+def test_gpt_oss_custom_gate_is_refused_with_a_clear_error():
+    model = tiny_model("gpt_oss", implementation="flexmoe")
+    with pytest.raises(ValueError, match="_apply_gate"):
+        model(tiny_batch())
+
+
+# -- synthetic experts modules: biases, transposed weights, no gate, other activations ----------------
+def _experts_class(*, has_gate: bool, has_bias: bool, transposed: bool, act: str):
+    @hf_moe.use_experts_implementation(is_transposed=transposed, has_bias=has_bias, has_gate=has_gate)
+    class Experts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            E, M, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+            X = 2 * I if has_gate else I
+            gen = torch.Generator().manual_seed(5)
+
+            def p(*shape):
+                return torch.nn.Parameter(torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.3)
+
+            self.num_experts = E
+            up = "gate_up_proj" if has_gate else "up_proj"
+            setattr(self, up, p(E, M, X) if transposed else p(E, X, M))
+            self.down_proj = p(E, I, M) if transposed else p(E, M, I)
+            if has_bias:
+                setattr(self, f"{up}_bias", p(E, X))
+                self.down_proj_bias = p(E, M)
+            self.act_fn = transformers.activations.ACT2FN[act]
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):  # transformers' own batched path
+            return hf_moe.batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+    return Experts
+
+
+@pytest.mark.parametrize(
+    "has_gate,has_bias,transposed,act",
+    [
+        (True, True, True, "silu"),
+        (True, True, False, "silu"),
+        (True, False, True, "swish"),
+        (False, True, False, "gelu"),
+        (False, False, True, "relu"),
+        (False, True, True, "silu"),
+    ],
+)
+def test_biases_transposed_weights_and_ungated_experts(has_gate, has_bias, transposed, act):
+    config = types.SimpleNamespace(
+        num_experts=5, hidden_size=6, moe_intermediate_size=7, _experts_implementation="eager"
+    )
+    module = _experts_class(has_gate=has_gate, has_bias=has_bias, transposed=transposed, act=act)(config)
+    T, k = 11, 2
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(5, generator=gen)[:k] for _ in range(T)])
+    wts = torch.rand(T, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    leaves = [x, wts, *module.parameters()]
+    want = module(x, idx, wts)
+    want_g = torch.autograd.grad(want.square().sum(), leaves)
+    config._experts_implementation = "flexmoe"
+    got = module(x, idx, wts)
+    got_g = torch.autograd.grad(got.square().sum(), leaves)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for g, w in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "has_gate,act,match",
+    [
+        (True, "gelu", "SwiGLU"),
+        (False, "gelu_new", "no exact flexmoe equivalent"),
+        (False, "tanh", "SiLU, ReLU"),
+    ],
+)
+def test_unsupported_activations_are_refused(has_gate, act, match):
+    config = types.SimpleNamespace(
+        num_experts=3, hidden_size=4, moe_intermediate_size=5, _experts_implementation="flexmoe"
+    )
+    module = _experts_class(has_gate=has_gate, has_bias=False, transposed=False, act=act)(config)
+    with pytest.raises(ValueError, match=match):
+        module(torch.randn(2, 4, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))

@@ -1,0 +1,308 @@
+"""Every plan on W gloo ranks equals the single-process layer (float64, 1e-9).
+
+Each rank returns its output and its shard gradients; the reference runs here, in the pytest
+process, on one process: the same layer (same seed) applied to each rank's tokens, with expert
+gradients of the SUM of all ranks' losses sliced by the layout, and gate gradients per rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flexmoe import MoELayer, Plan
+from flexmoe.core.layout import divisors
+from flexmoe.testing.distributed import DistributedPool
+from flexmoe.tuning.cost_model import PRESETS
+from flexmoe.tuning.tuner import TunerConfig
+
+M, H = 8, 16
+EXPERT_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+
+
+def _cases(W: int) -> list[dict]:
+    cases = []
+    for E in (1, 2, 4, 8):
+        s = max(1, W // E)
+        algorithms = ("flat", "2dh") if W == 4 else ("flat",)
+        plans = [Plan(r=0)] + [
+            Plan(r=r, d=d, all_to_all=a) for r, d, a in itertools.product(divisors(s), (1, 2, 4), algorithms)
+        ]
+        for i, plan in enumerate(plans):
+            cases.append(
+                dict(
+                    E=E,
+                    plan=plan,
+                    k=min(2, E),
+                    cf=1.0 if i % 2 else 0.5,
+                    act=("gelu", "swiglu", "relu")[i % 3],
+                    seed=100 * E + i,
+                    tokens=[12] * W,
+                )
+            )
+    # dropless with uneven token counts, including an empty rank
+    for E in (1, 2, 8):
+        s = max(1, W // E)
+        for r in (0, *divisors(s)):
+            cases.append(
+                dict(
+                    E=E,
+                    plan=Plan(r=r, d=2),
+                    k=min(2, E),
+                    cf=0.0,
+                    act="silu",
+                    seed=7 + E + r,
+                    tokens=[5 + 7 * i if i != 1 else 0 for i in range(W)],
+                )
+            )
+    return cases
+
+
+def _inputs(case: dict, rank: int):
+    gen = torch.Generator().manual_seed(case["seed"] * 31 + rank)
+    x = torch.randn(case["tokens"][rank], M, generator=gen, dtype=torch.float64)
+    probe = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    return x, probe
+
+
+def _make_layer(case: dict) -> MoELayer:
+    layer = MoELayer(
+        M,
+        H,
+        case["E"],
+        top_k=case["k"],
+        capacity_factor=case["cf"],
+        activation=case["act"],
+        seed=case["seed"],
+        dtype=torch.float64,
+        local_world_size=2,
+    )
+    return layer.double()
+
+
+def run_cases_worker(cases: list[dict]) -> list[dict]:
+    rank = dist.get_rank()
+    results = []
+    for case in cases:
+        layer = _make_layer(case)
+        x, probe = _inputs(case, rank)
+        x.requires_grad_(True)
+        y = layer(x, plan=case["plan"])
+        (y * probe).sum().backward()
+        results.append(
+            {
+                "y": y.detach(),
+                "x_grad": x.grad,
+                "gate_grad": layer.gate.weight.grad,
+                "capacity": layer.last_plan.capacity,
+                **{n: getattr(layer.experts, n).grad for n in EXPERT_NAMES},
+                **{f"param_{n}": getattr(layer.experts, n).detach() for n in EXPERT_NAMES},
+            }
+        )
+    return results
+
+
+def _reference(case: dict, W: int):
+    ref = _make_layer(case)
+    outs, x_grads, gate_grads = [], [], []
+    for rank in range(W):
+        x, probe = _inputs(case, rank)
+        x.requires_grad_(True)
+        y = ref(x)
+        gate_before = None if ref.gate.weight.grad is None else ref.gate.weight.grad.clone()
+        (y * probe).sum().backward()
+        gate_grads.append(ref.gate.weight.grad - (0 if gate_before is None else gate_before))
+        outs.append(y.detach())
+        x_grads.append(x.grad)
+    full_grads = {n: getattr(ref.experts, n).grad for n in EXPERT_NAMES}
+    full_params = {n: getattr(ref.experts, n).detach() for n in EXPERT_NAMES}
+    return ref, outs, x_grads, gate_grads, full_grads, full_params
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def pool(request):
+    with DistributedPool(request.param, collective_timeout_s=30.0, timeout_s=240.0) as p:
+        yield p
+
+
+@pytest.mark.timeout(300)
+def test_every_plan_matches_single_process(pool):
+    W = pool.world_size
+    cases = _cases(W)
+    per_rank = pool.run(run_cases_worker, cases)
+    for i, case in enumerate(cases):
+        ref, outs, x_grads, gate_grads, full_grads, full_params = _reference(case, W)
+        where = f"case {case}"
+        for rank in range(W):
+            got = per_rank[rank][i]
+            shard_layout = ref.layout.__class__(
+                num_experts=case["E"],
+                model_dim=M,
+                hidden_dim=H,
+                world_size=W,
+                rank=rank,
+                activation=case["act"],
+            )
+            want_params = shard_layout.shard(full_params)
+            want_grads = shard_layout.shard(full_grads)
+            for n in EXPERT_NAMES:
+                torch.testing.assert_close(got[f"param_{n}"], want_params[n], rtol=0, atol=0, msg=where)
+                torch.testing.assert_close(got[n], want_grads[n], rtol=0, atol=1e-9, msg=f"{n} {where}")
+            torch.testing.assert_close(got["y"], outs[rank], rtol=0, atol=1e-9, msg=where)
+            torch.testing.assert_close(got["x_grad"], x_grads[rank], rtol=0, atol=1e-9, msg=where)
+            torch.testing.assert_close(got["gate_grad"], gate_grads[rank], rtol=0, atol=1e-9, msg=where)
+
+
+def switching_worker(steps: int) -> dict:
+    """Train two copies: one switches (r, d) every step, one keeps the static default."""
+    W = dist.get_world_size()
+    E = 2
+    s = max(1, W // E)
+    plans = [Plan(r=r, d=d) for r in (0, *divisors(s)) for d in (1, 2, 4)]
+    results = {}
+    for name in ("switching", "fixed"):
+        layer = MoELayer(M, H, E, top_k=2, capacity_factor=1.0, seed=3, dtype=torch.float64).double()
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        pointers = {n: (p.data_ptr(), tuple(p.shape)) for n, p in layer.named_parameters()}
+        stable = True
+        for step in range(steps):
+            x, probe = _inputs({"seed": step, "tokens": [10] * W}, dist.get_rank())
+            plan = plans[step % len(plans)] if name == "switching" else Plan()
+            versions = {n: p._version for n, p in layer.named_parameters()}
+            loss = (layer(x, plan=plan) * probe).sum() + layer.aux_loss
+            loss.backward()
+            stable &= versions == {n: p._version for n, p in layer.named_parameters()}
+            for p in layer.parameters():  # data-parallel averaging of the replicated gate
+                if not getattr(p, "flexmoe_expert", False):
+                    dist.all_reduce(p.grad)
+                    p.grad /= W
+            opt.step()
+            opt.zero_grad()
+        stable &= pointers == {n: (p.data_ptr(), tuple(p.shape)) for n, p in layer.named_parameters()}
+        results[name] = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        results[f"{name}_stable"] = stable
+    return results
+
+
+@pytest.mark.timeout(120)
+def test_switching_plans_every_step_trains_identically(pool):
+    for res in pool.run(switching_worker, 8):
+        assert res["switching_stable"] and res["fixed_stable"]
+        for n, p in res["fixed"].items():
+            torch.testing.assert_close(res["switching"][n], p, rtol=0, atol=1e-9, msg=n)
+
+
+def two_dh_vs_flat_worker() -> bool:
+    case = dict(E=2, k=2, cf=1.0, act="gelu", seed=5, tokens=[9] * dist.get_world_size())
+    layer = _make_layer(case)
+    x, _ = _inputs(case, dist.get_rank())
+    r_max = max(1, dist.get_world_size() // 2)
+    y_flat = layer(x, plan=Plan(r=r_max, d=2, all_to_all="flat"))
+    y_2dh = layer(x, plan=Plan(r=r_max, d=2, all_to_all="2dh"))
+    return bool(torch.equal(y_flat, y_2dh))
+
+
+@pytest.mark.timeout(60)
+def test_2dh_layer_output_is_bit_identical_to_flat(pool):
+    if pool.world_size != 4:
+        pytest.skip("2dh needs at least two nodes of two ranks")
+    assert all(pool.run(two_dh_vs_flat_worker))
+
+
+def tuner_node_size_worker() -> int:
+    layer = MoELayer(M, H, 2, seed=1, local_world_size=2)
+    return layer.tuner.rank_plans.model.cluster.gpus_per_node
+
+
+@pytest.mark.timeout(60)
+def test_the_tuner_prices_plans_on_the_layers_node_size(pool):
+    W = pool.world_size
+    # W = 4: two nodes of two ranks; W = 2: one node holds both, the preset's node size stays
+    want = 2 if W == 4 else PRESETS["cpu-gloo"].gpus_per_node
+    assert pool.run(tuner_node_size_worker) == [want] * W
+
+
+def disagreeing_plan_worker() -> str:
+    layer = MoELayer(M, H, 2, seed=1)
+    plan = Plan(r=1, d=1 + dist.get_rank())  # every rank asks for a different d
+    try:
+        layer(torch.randn(4, M), plan=plan)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+def test_ranks_disagreeing_on_the_plan_fail_fast_with_a_clear_error(pool):
+    for message in pool.run(disagreeing_plan_worker):
+        assert "plan.d" in message
+
+
+def raising_rank_worker() -> None:
+    layer = MoELayer(M, H, 2, seed=1)
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 broke inside the layer")
+    layer(torch.randn(4, M))
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_raises_makes_the_others_fail_within_the_timeout():
+    with (
+        DistributedPool(2, collective_timeout_s=5.0, timeout_s=60.0) as small,
+        pytest.raises(Exception, match="rank 1 broke") as failure,
+    ):
+        small.run(raising_rank_worker)
+    assert "failed on ranks [0, 1]" in str(failure.value)  # rank 0 timed out instead of hanging
+
+
+def test_bad_world_layouts_raise_value_errors():
+    from flexmoe.core.layout import ExpertLayout
+
+    with pytest.raises(ValueError, match="num_experts"):
+        ExpertLayout(num_experts=6, model_dim=8, hidden_dim=8, world_size=4)
+    with pytest.raises(ValueError, match="world size"):
+        ExpertLayout(num_experts=3, model_dim=8, hidden_dim=8, world_size=4)
+    with pytest.raises(ValueError, match="hidden_dim"):
+        ExpertLayout(num_experts=1, model_dim=8, hidden_dim=6, world_size=4)
+    with pytest.raises(ValueError, match="model_dim"):
+        ExpertLayout(num_experts=1, model_dim=6, hidden_dim=8, world_size=4)
+
+
+def adaptive_worker(steps: int) -> dict:
+    """The tuner explores, then every rank settles on the same plan; outputs never depend on it."""
+    W, rank = dist.get_world_size(), dist.get_rank()
+    tuner = TunerConfig(min_trials=1, max_trials=1)  # decides after 3 rounds
+    adaptive = MoELayer(M, H, 2, top_k=2, seed=4, dtype=torch.float64, tuner=tuner).double()
+    fixed = MoELayer(M, H, 2, top_k=2, seed=4, dtype=torch.float64, tuner=False).double()
+    sources, max_error = [], 0.0
+    for step in range(steps):
+        x, probe = _inputs({"seed": step, "tokens": [16] * W}, rank)
+        x.requires_grad_(True)
+        y = adaptive(x)
+        (y * probe).sum().backward()
+        sources.append(adaptive.last_plan.source)
+        max_error = max(max_error, (y - fixed(x)).abs().max().item())
+    return {
+        "sources": sources,
+        "decisions": adaptive.tuner.decisions,
+        "table": adaptive.tuner.table(),
+        "max_error": max_error,
+    }
+
+
+@pytest.mark.timeout(120)
+def test_tuner_explores_then_all_ranks_pick_the_same_plan(pool):
+    results = pool.run(adaptive_worker, 16)
+    first = results[0]
+    assert "tuner-explore" in first["sources"] and first["sources"][-1] == "tuner"
+    assert len(first["decisions"]) == 1
+    explored = first["decisions"][0]["explore_steps"]
+    assert explored <= 4 * 2  # bounded: a cold and a warm round of at most 4 candidates
+    assert sum(row["trials"] for row in first["table"]) == explored // 2  # cold trials discarded
+    for res in results:
+        assert res["decisions"][0]["plan"] == first["decisions"][0]["plan"]
+        assert res["sources"] == first["sources"]
+        assert res["max_error"] < 1e-9

@@ -1,0 +1,76 @@
+"""The pipelined exchange on one process (the all-to-all is the identity at W = 1): the experts multiply
+only the rows that hold a token, in every chunk, and the result and gradients equal the grouped FFN
+on those rows, with zeros in the rows nobody filled. The multi-process plans are checked against one
+process in test_distributed_layer.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexmoe.parallel.pipeline as pipeline
+from flexmoe.ops.expert_ffn import ExpertWeights, grouped_expert_ffn
+from flexmoe.parallel.comm import ExpertGroups
+from flexmoe.parallel.pipeline import FilledRows, pipelined_expert_exchange
+
+M, H = 6, 10
+
+
+def _weights(L: int) -> ExpertWeights:
+    g = torch.Generator().manual_seed(0)
+
+    def param(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    return ExpertWeights(param(L, M, H), param(L, H), param(L, H, M), param(L, M), "gelu")
+
+
+def test_filled_rows_follow_the_counts():
+    filled_WL = torch.tensor([[2, 0], [3, 1]])  # W = 2 senders, L = 2 experts, c = 3 rows per block
+    rows = FilledRows.from_counts(filled_WL, 3)
+    # flexible layout [L, W, c]: expert 0 gets rows 0-1 of sender 0 and 0-2 of sender 1, expert 1 row 0
+    # of sender 1
+    assert rows.sizes == (5, 1)
+    assert rows.index.tolist() == [0, 1, 3, 4, 5, 9]
+    x = torch.arange(12.0).view(12, 1)
+    assert rows.pack(x).view(-1).tolist() == [0, 1, 3, 4, 5, 9]
+    back = rows.unpack(rows.pack(x), 12).view(-1)
+    assert back.tolist() == [0, 1, 0, 3, 4, 5, 0, 0, 0, 9, 0, 0]
+    full = FilledRows.from_counts(torch.full((2, 2), 3), 3)
+    assert full.index is None and full.sizes == (6, 6) and full.pack(x) is x
+
+
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_only_filled_rows_are_multiplied_and_results_match(d, monkeypatch):
+    L, Cp = 3, 8
+    kept = torch.tensor([5, 0, 8])  # per local expert; a prefix of its Cp rows
+    filled_LC = torch.arange(Cp) < kept.unsqueeze(1)
+    send = torch.randn(1, L, Cp, M, dtype=torch.float64) * filled_LC.unsqueeze(-1)
+    send.requires_grad_()
+    w = _weights(L)
+    rows_multiplied = []
+    real_forward = pipeline.ffn_forward
+
+    def counting_forward(x_RM, weights, sizes):
+        rows_multiplied.append(x_RM.shape[0])
+        return real_forward(x_RM, weights, sizes)
+
+    monkeypatch.setattr(pipeline, "ffn_forward", counting_forward)
+    ret, _ = pipelined_expert_exchange(
+        send, filled_LC.unsqueeze(0), w, ExpertGroups(None), d=d, algorithm="flat"
+    )
+    assert sum(rows_multiplied) == int(kept.sum()) and len(rows_multiplied) == d
+
+    # reference: the grouped FFN on exactly the filled rows
+    mask = filled_LC.reshape(-1)
+    want_rows = grouped_expert_ffn(send.view(-1, M)[mask], w, tuple(kept.tolist()))
+    got = ret.view(-1, M)
+    torch.testing.assert_close(got[mask], want_rows, rtol=1e-12, atol=1e-12)
+    assert torch.all(got[~mask] == 0)
+
+    grad = torch.randn_like(ret) * filled_LC.unsqueeze(-1)
+    params = [w.w1_GMX, w.b1_GX, w.w2_GHM, w.b2_GM]
+    got_grads = torch.autograd.grad(ret, [send, *params], grad)
+    want_grads = torch.autograd.grad(want_rows, [send, *params], grad.view(-1, M)[mask])
+    for got_g, want_g in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got_g, want_g, rtol=1e-12, atol=1e-12)

@@ -2,7 +2,8 @@
 
 Each rank returns its output and its shard gradients; the reference runs here, in the pytest
 process, on one process: the same layer (same seed) applied to each rank's tokens, with expert
-gradients of the SUM of all ranks' losses sliced by the layout, and gate gradients per rank.
+gradients of the SUM of all ranks' losses sliced by the layout, and gate gradients per rank (or, with
+routing given from outside, the gradients of the routing weights).
 """
 
 from __future__ import annotations
@@ -61,11 +62,55 @@ def _cases(W: int) -> list[dict]:
     return cases
 
 
+def _chunk_edge_cases(W: int) -> list[dict]:
+    """d = 2 plans whose filled rows end exactly at a chunk edge (one chunk full, the next empty),
+    where a per-chunk row count off by one row loses or misplaces the edge row. At d = 4 the chunks
+    are often one row long, so every row is an edge; at d = 2 the gate's routing seldom ends there.
+
+    Routing comes from outside, k = 1, dropless: rank w sends demand[w][e] tokens to expert e. A rank's
+    buffer for an expert (Cb rows, per hidden-block copy) is split among g = s / r ranks in blocks of
+    Cb / g rows, two chunks of c each. With capacity C = Cb = 4g (the largest demand) c = 2, and every
+    other demand is 4q + 2: whole blocks, then one block whose filled rows end right where its second
+    chunk starts."""
+    cases = []
+    for E in sorted({1, W // 2, W, 2 * W} - {0}):
+        s = max(1, W // E)
+        for r in divisors(s):
+            g = s // r
+            demand = [[4 * g if w == e == 0 else 4 * ((w + e) % g) + 2 for e in range(E)] for w in range(W)]
+            cases.append(
+                dict(
+                    E=E,
+                    plan=Plan(r=r, d=2),
+                    k=1,
+                    cf=0.0,
+                    act=("gelu", "swiglu")[len(cases) % 2],
+                    seed=50 + len(cases),
+                    tokens=[sum(row) for row in demand],
+                    demand=demand,
+                )
+            )
+    return cases
+
+
 def _inputs(case: dict, rank: int):
     gen = torch.Generator().manual_seed(case["seed"] * 31 + rank)
     x = torch.randn(case["tokens"][rank], M, generator=gen, dtype=torch.float64)
     probe = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     return x, probe
+
+
+def _outside_routing(case: dict, rank: int) -> dict:
+    """top_k_index / top_k_weights of the rank's tokens when the case fixes the demand, else {} (the
+    gate routes): demand[rank][e] tokens to expert e, in shuffled token order, weights in [0.5, 1.5)."""
+    if "demand" not in case:
+        return {}
+    counts = torch.tensor(case["demand"][rank])
+    gen = torch.Generator().manual_seed(case["seed"] * 37 + rank)
+    experts = torch.repeat_interleave(torch.arange(case["E"]), counts)
+    experts = experts[torch.randperm(experts.numel(), generator=gen)].view(-1, 1)
+    weights = 0.5 + torch.rand(experts.shape, generator=gen, dtype=torch.float64)
+    return {"top_k_index": experts, "top_k_weights": weights.requires_grad_()}
 
 
 def _make_layer(case: dict) -> MoELayer:
@@ -90,13 +135,15 @@ def run_cases_worker(cases: list[dict]) -> list[dict]:
         layer = _make_layer(case)
         x, probe = _inputs(case, rank)
         x.requires_grad_(True)
-        y = layer(x, plan=case["plan"])
+        routing = _outside_routing(case, rank)
+        y = layer(x, plan=case["plan"], **routing)
         (y * probe).sum().backward()
         results.append(
             {
                 "y": y.detach(),
                 "x_grad": x.grad,
                 "gate_grad": layer.gate.weight.grad,
+                "weights_grad": routing["top_k_weights"].grad if routing else None,
                 "capacity": layer.last_plan.capacity,
                 **{n: getattr(layer.experts, n).grad for n in EXPERT_NAMES},
                 **{f"param_{n}": getattr(layer.experts, n).detach() for n in EXPERT_NAMES},
@@ -107,19 +154,24 @@ def run_cases_worker(cases: list[dict]) -> list[dict]:
 
 def _reference(case: dict, W: int):
     ref = _make_layer(case)
-    outs, x_grads, gate_grads = [], [], []
+    outs, x_grads, gate_grads, weights_grads = [], [], [], []
     for rank in range(W):
         x, probe = _inputs(case, rank)
         x.requires_grad_(True)
-        y = ref(x)
+        routing = _outside_routing(case, rank)
+        y = ref(x, **routing)
         gate_before = None if ref.gate.weight.grad is None else ref.gate.weight.grad.clone()
         (y * probe).sum().backward()
-        gate_grads.append(ref.gate.weight.grad - (0 if gate_before is None else gate_before))
+        gate_after = ref.gate.weight.grad  # None: the routing came from outside
+        gate_grads.append(
+            None if gate_after is None else gate_after - (0 if gate_before is None else gate_before)
+        )
+        weights_grads.append(routing["top_k_weights"].grad if routing else None)
         outs.append(y.detach())
         x_grads.append(x.grad)
     full_grads = {n: getattr(ref.experts, n).grad for n in EXPERT_NAMES}
     full_params = {n: getattr(ref.experts, n).detach() for n in EXPERT_NAMES}
-    return ref, outs, x_grads, gate_grads, full_grads, full_params
+    return ref, outs, x_grads, gate_grads, weights_grads, full_grads, full_params
 
 
 @pytest.fixture(scope="module", params=[2, 4])
@@ -130,11 +182,27 @@ def pool(request):
 
 @pytest.mark.timeout(300)
 def test_every_plan_matches_single_process(pool):
+    _check_against_single_process(pool, _cases(pool.world_size))
+
+
+@pytest.mark.timeout(120)
+def test_d2_chunks_ending_right_after_the_last_filled_row_match_single_process(pool):
     W = pool.world_size
-    cases = _cases(W)
+    cases = _chunk_edge_cases(W)
+    assert {case["plan"].r for case in cases} == set(divisors(W))
+    per_rank = _check_against_single_process(pool, cases)
+    for i, case in enumerate(cases):  # the capacity the edges were laid out for: C = 4g, so c = 2
+        g = max(1, W // case["E"]) // case["plan"].r
+        assert [res[i]["capacity"] for res in per_rank] == [4 * g] * W, case
+
+
+def _check_against_single_process(pool, cases: list[dict]) -> list[list[dict]]:
+    """Run the cases on the pool's ranks and compare every rank with the one-process reference;
+    returns the ranks' results."""
+    W = pool.world_size
     per_rank = pool.run(run_cases_worker, cases)
     for i, case in enumerate(cases):
-        ref, outs, x_grads, gate_grads, full_grads, full_params = _reference(case, W)
+        ref, outs, x_grads, gate_grads, weights_grads, full_grads, full_params = _reference(case, W)
         where = f"case {case}"
         for rank in range(W):
             got = per_rank[rank][i]
@@ -154,6 +222,8 @@ def test_every_plan_matches_single_process(pool):
             torch.testing.assert_close(got["y"], outs[rank], rtol=0, atol=1e-9, msg=where)
             torch.testing.assert_close(got["x_grad"], x_grads[rank], rtol=0, atol=1e-9, msg=where)
             torch.testing.assert_close(got["gate_grad"], gate_grads[rank], rtol=0, atol=1e-9, msg=where)
+            torch.testing.assert_close(got["weights_grad"], weights_grads[rank], rtol=0, atol=1e-9, msg=where)
+    return per_rank
 
 
 def switching_worker(steps: int) -> dict:

@@ -17,6 +17,7 @@ from flexmoe.core.dispatch import combine, combine_packed, dispatch, dispatch_pa
 from flexmoe.core.routing import route
 from flexmoe.ops import expert_ffn
 from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
+from flexmoe.parallel import pipeline
 from flexmoe.parallel.comm import ExpertGroups
 from flexmoe.parallel.strategies import ExpertParallelStrategy
 
@@ -152,21 +153,33 @@ def test_local_step_saves_only_pre_activations(autocast):
     assert saved + N * MB * b > bound
 
 
-def test_expert_parallel_step_saves_rows_and_pre_activations_only():
-    """The r >= 1 path (pipelined exchange, here on one process): the received rows and hpre per chunk,
-    and the returned rows the combine needs for the gate weights' gradient."""
+def test_expert_parallel_step_saves_rows_and_pre_activations_only(monkeypatch):
+    """The r >= 1 path (pipelined exchange, here on one process): the received rows and hpre per chunk
+    (padding rows included: at most 1/8 more than the kept ones), and the returned rows the combine
+    needs for the gate weights' gradient."""
     layer = MoELayer(MB, HB, E, top_k=K, capacity_factor=1.0, seed=0)
     strategy = ExpertParallelStrategy(layer.experts, ExpertGroups(None), Plan(r=1, d=2))
     x = torch.randn(T, MB, requires_grad=True)
+    multiplied = []
+    real_forward = pipeline.ffn_forward
+
+    def counting_forward(x_RM, weights, sizes):
+        multiplied.append(x_RM.shape[0])
+        return real_forward(x_RM, weights, sizes)
+
+    monkeypatch.setattr(pipeline, "ffn_forward", counting_forward)
 
     def run():
         config = layer.config.routing(training=True)
         routing = route(layer.gate(x), config, training=True, capacity_multiple=strategy.capacity_multiple)
         run.N = int(routing.kept_E.sum())
+        multiplied.clear()
         return strategy(x, routing, is_postscore=True)[0]
 
     saved = _saved_bytes(layer, x, run)
-    bound = run.N * (2 * MB + HB) * 4 + _routing_bound(run.N)
+    rows = sum(multiplied)
+    assert run.N <= rows <= run.N * 9 / 8
+    bound = rows * (MB + HB) * 4 + run.N * MB * 4 + _routing_bound(run.N)
     assert saved <= bound, (saved, bound)
 
 

@@ -446,7 +446,7 @@ def packed_moe(
     """Differentiable y_TM = the sum over kept assignments n of the gate-weighted expert outputs of
     token token_N[n]; assignments grouped by expert, sizes[g] of them for expert g (see above).
 
-    Small, nearly equal groups are padded to the largest (see _pads), so that each block's GEMMs
+    Small, nearly equal groups are padded to the largest (see pays_to_pad), so that each block's GEMMs
     run as one batched GEMM."""
     if sum(sizes) != token_N.shape[0] or len(sizes) != w.num_groups:
         raise ValueError(f"sizes {sizes} must list {w.num_groups} groups summing to {token_N.shape[0]} rows")
@@ -455,7 +455,7 @@ def packed_moe(
     keep_hpre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     n = max(sizes, default=0)
     P = len(sizes) * n  # rows once every group is padded to n
-    padded = _pads(P - token_N.shape[0], token_N.shape[0], n * w.w1_GMX.shape[2])
+    padded = pays_to_pad(P - token_N.shape[0], token_N.shape[0], n * w.w1_GMX.shape[2])
     if padded:
         slot_N = _padded_slots(sizes, n, token_N.device)
         token_N = token_N.new_full((P,), x_TM.shape[0]).index_copy_(0, slot_N, token_N)
@@ -486,7 +486,7 @@ _MAX_PADDING = 1 / 8
 _PAD_GROUPS_UNDER = _BLOCK_ELEMENTS // 2  # elements of a group's hidden rows (n * X)
 
 
-def _pads(padding_rows: int, rows: int, group_hidden: int) -> bool:
+def pays_to_pad(padding_rows: int, rows: int, group_hidden: int) -> bool:
     """Whether to pad: `padding_rows` more than the `rows` kept, groups of `group_hidden` elements."""
     return 0 < padding_rows <= _MAX_PADDING * rows and group_hidden <= _PAD_GROUPS_UNDER
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from flexmoe.ops.amp import amp_backward, amp_forward
-from flexmoe.ops.expert_ffn import ExpertWeights, ffn_backward, ffn_forward
+from flexmoe.ops.expert_ffn import ExpertWeights, ffn_backward, ffn_forward, pays_to_pad
 
 
 def _to_flexible(recv_WLcM: torch.Tensor) -> torch.Tensor:
@@ -51,26 +51,40 @@ def _chunks(t: torch.Tensor, d: int) -> list[torch.Tensor]:
 
 @dataclass(frozen=True)
 class FilledRows:
-    """The rows of one received chunk, in the flexible layout [L * W * c], that hold a token."""
+    """The rows of one received chunk, in the flexible layout [L * W * c], that the experts multiply:
+    those that hold a token, and, when every local expert is padded to the same row count (small,
+    nearly equal groups: ops.expert_ffn.pays_to_pad), some empty ones, so that the grouped FFN runs as
+    one batched GEMM. Empty rows are zeros from the sender; their outputs go back to slots the sender
+    never reads, and their gradients are zeros, so the padding changes no result."""
 
-    index: torch.Tensor | None  # None: every row is filled
-    sizes: tuple[int, ...]  # filled rows per local expert, the grouped FFN's group sizes
+    index: torch.Tensor | None  # None: every row
+    sizes: tuple[int, ...]  # rows per local expert, the grouped FFN's group sizes
 
     @staticmethod
-    def from_counts(filled_WL: torch.Tensor, c: int) -> FilledRows:
-        """filled_WL: rows of the chunk that sender w filled for local expert l (a prefix of its c)."""
+    def from_counts(filled_WL: torch.Tensor, c: int, hidden_width: int) -> FilledRows:
+        """filled_WL: rows of the chunk that sender w filled for local expert l (a prefix of its c);
+        hidden_width: the experts' fc1 width (what a row costs in the activation's memory)."""
         W, L = filled_WL.shape
         sizes = tuple(int(n) for n in filled_WL.sum(0).tolist())
         if sum(sizes) == L * W * c:
             return FilledRows(None, sizes)
-        mask_LWc = torch.arange(c, device=filled_WL.device) < filled_WL.t().unsqueeze(-1)
-        return FilledRows(mask_LWc.reshape(-1).nonzero().squeeze(1), sizes)
+        take_LWc = torch.arange(c, device=filled_WL.device) < filled_WL.t().unsqueeze(-1)
+        n = max(sizes)
+        if pays_to_pad(L * n - sum(sizes), sum(sizes), n * hidden_width):
+            # each expert also takes its first n - size empty rows (distinct rows: no index repeats)
+            need_L11 = torch.tensor([n - s for s in sizes], device=filled_WL.device).view(L, 1, 1)
+            empty_LWc = ~take_LWc
+            rank_LWc = empty_LWc.reshape(L, -1).cumsum(1).view(L, W, c)
+            take_LWc = take_LWc | (empty_LWc & (rank_LWc <= need_L11))
+            sizes = (n,) * L
+        return FilledRows(take_LWc.reshape(-1).nonzero().squeeze(1), sizes)
 
     def pack(self, rows_RM: torch.Tensor) -> torch.Tensor:
         return rows_RM if self.index is None else rows_RM.index_select(0, self.index)
 
     def unpack(self, packed_NM: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Back to all rows; rows without a token are zeros (their senders never read them)."""
+        """Back to all rows; the rows without a token (their senders never read them) are zeros or
+        padding outputs."""
         if self.index is None:
             return packed_NM
         rows = packed_NM.new_zeros(num_rows, packed_NM.shape[1])
@@ -152,7 +166,7 @@ class PipelinedExpertExchange(torch.autograd.Function):
         weights = ExpertWeights(w1, b1, w2, b2, activation)
         counts, inbound = exchange.take_inbound()
         received_WLd = counts.wait()
-        filled = [FilledRows.from_counts(received_WLd[:, :, i], c) for i in range(d)]
+        filled = [FilledRows.from_counts(received_WLd[:, :, i], c, w1.shape[2]) for i in range(d)]
         outbound, saved = [], []
         for handle, rows in zip(inbound, filled, strict=True):
             x_NM = rows.pack(_to_flexible(handle.wait()))

@@ -10,7 +10,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# The CPU build of torch first, so the project's torch>=2.3 is already met (no CUDA download).
+	# The CPU build of torch first, so the project's torch>=2.4 is already met (no CUDA download).
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test,bench,demo,transformers]'
 	touch $(STAMP)

@@ -243,6 +243,8 @@ class MoELayer(nn.Module):
             return forced, "forced"
         if not self.adaptive:
             return self._fixed_plan(), "fixed"
+        if self.layout.world_size == 1:  # every plan is the same local computation: nothing to tune
+            return STATIC_DEFAULT, "local"
         if self.tuner is None:
             return self._fixed_plan(), "static-default"
         return None, "tuner"

@@ -7,12 +7,15 @@ or `flexmoe.cli.execute(argv)` where the command's result is checked.
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
 import pytest
+import torch.distributed.run
 
 from flexmoe import cli
+from flexmoe.app.demo import DEMO_ARGS
 from flexmoe.checkpoint import expert_file
 
 TINY = ["--set", "embed_dim=16", "--set", "num_heads=[1,2,4,8]", "--set", "num_experts=4"]
@@ -53,11 +56,114 @@ def _user_error(capsys, argv: list[str]) -> str:
         (["train", "--limit", "1"], "--limit"),
         (["train", "--test-fraction", "1"], "--test-fraction"),
         (["demo", "--nproc", "0"], "--nproc"),
+        (["demo", "--epochs", "0"], "--epochs"),
+        (["demo", "--model", "nonsense"], "--model"),
+        (["lm", "--steps", "0"], "--steps"),
+        (["lm", "--steps", "abc"], "--steps"),
+        (["lm", "--bogus", "1"], "--bogus"),
+        (["lm", "--nproc", "0"], "--nproc"),
+        (["lm", "--nproc=0"], "--nproc"),
+        (["lm", "--nproc", "3"], "--nproc"),  # 8 experts do not split over 3 ranks
+        (["lm", "--top-k", "9"], "--top-k"),
+        (["lm", "--heads", "3"], "--heads"),
+        (["tune", "--top-k", "0"], "--top-k"),
+        (["tune", "--explore-budget", "2"], "--explore-budget"),
+        (["bench"], "benchmark"),
+        (["bench", "nonsense"], "benchmark"),
+        (["bench", "layer", "--repeats", "0"], "--repeats"),
+        (["bench", "layer", "--only", "99"], "--only"),
+        (["bench", "swin", "--batch", "x"], "--batch"),
+        (["bench", "hf", "--plan", "1"], "--plan"),
         (["nonsense"], "command"),
     ],
 )
-def test_bad_option_values_are_one_line_errors(capsys, argv, option):
+def test_bad_option_values_are_one_line_errors(capsys, monkeypatch, argv, option):
+    monkeypatch.setattr(torch.distributed.run, "main", _no_launch)
     assert option in _user_error(capsys, argv)
+
+
+def _no_launch(args: list[str]) -> None:
+    raise AssertionError(f"torchrun started with {args}, but the options were wrong")
+
+
+LM = ["-m", "flexmoe.lm.train"]
+
+
+@pytest.mark.parametrize(
+    "argv, launched",
+    [
+        (
+            ["lm", "--steps", "5", "--nproc", "1", "--no-progress"],
+            ["--nproc-per-node=1", *LM, "--steps", "5", "--no-progress"],
+        ),
+        (["lm", "--nproc=4", "--seed", "1"], ["--nproc-per-node=4", *LM, "--seed", "1"]),
+        (
+            ["demo", "--limit", "100"],
+            ["--nproc-per-node=2", "-m", "flexmoe.cli", "train", *DEMO_ARGS, "--limit", "100"],
+        ),
+    ],
+)
+def test_launchers_pass_the_checked_options_to_torchrun(monkeypatch, argv, launched):
+    calls = []
+    monkeypatch.setattr(torch.distributed.run, "main", calls.append)
+    cli.main(argv)
+    assert calls == [["--standalone", *launched]]
+
+
+def _help(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_lm_help_lists_every_training_option_and_nproc(capsys):
+    from dataclasses import fields
+
+    from flexmoe.lm.train import LMConfig
+
+    text = _help(capsys, ["lm"])
+    options = [f"--{f.name.replace('_', '-')}" for f in fields(LMConfig) if f.name != "progress"]
+    assert [o for o in [*options, "--no-progress", "--nproc"] if o not in text] == []
+
+
+def test_bench_help_lists_the_benchmarks(capsys):
+    text = _help(capsys, ["bench"])
+    assert all(f"  {name} " in text for name in cli.BENCHMARKS)
+
+
+HELP_PAGES = [
+    [],
+    *[[c] for c in cli.COMMANDS if c != "bench"],
+    ["bench"],
+    *[["bench", b] for b in cli.BENCHMARKS],
+]
+
+
+@pytest.mark.parametrize("argv", HELP_PAGES, ids=lambda argv: " ".join(argv) or "flexmoe")
+def test_help_pages_name_no_internal_issue_numbers(capsys, argv):
+    if argv[-1:] == ["hf"]:
+        pytest.importorskip("transformers")
+    assert not re.search(r"\bissues?\b", _help(capsys, argv), re.IGNORECASE)
+
+
+def test_plan_prints_a_legend_and_rounds_times_and_speedups(capsys):
+    cli.main(["plan", "--world-sizes", "16,256", "--all"])
+    out = capsys.readouterr().out
+    legend = out[out.index("legend:") :]
+    assert all(f"  {column} " in legend for column in ("W", "s", "capacity", "static_ms", "speedup"))
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s*(16|256)\s", line)]
+    summary = [r for r in rows if len(r) == 10]  # W E s capacity best(3 words) best_ms static_ms speedup
+    every = [r for r in rows if len(r) == 6]  # W plan(3 words) predicted_ms speedup
+    assert len(summary) == 2 and len(every) > 10
+    for r in summary:
+        assert (
+            re.fullmatch(r"\d+\.\d", r[7])
+            and re.fullmatch(r"\d+\.\d", r[8])
+            and re.fullmatch(r"\d+\.\d\d", r[9])
+        )
+    for r in every:
+        assert re.fullmatch(r"\d+\.\d", r[4]) and re.fullmatch(r"\d+\.\d\d", r[5])
 
 
 def test_missing_checkpoint_is_a_one_line_error(capsys, tmp_path):

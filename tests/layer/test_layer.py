@@ -193,11 +193,13 @@ def test_bfloat16_layer_is_close_to_float32():
     torch.testing.assert_close(y16.float(), l32(x), rtol=0.05, atol=0.05)
 
 
-def test_last_plan_reports_static_default_and_forced_plans():
-    layer = MoELayer(M, H, E, seed=0, tuner=False)
-    layer(torch.randn(4, M))
-    assert layer.last_plan.source == "static-default"
-    assert layer.last_plan.plan == Plan(r=1, d=1, all_to_all="flat")
+def test_last_plan_reports_local_fixed_and_forced_plans():
+    for tuner in (True, False):  # one process: the tuner never runs, whatever it is set to
+        layer = MoELayer(M, H, E, seed=0, tuner=tuner)
+        layer(torch.randn(4, M))
+        assert layer.last_plan.source == "local"
+        assert layer.last_plan.plan == Plan(r=1, d=1, all_to_all="flat")
+        assert tuner is False or (layer.tuner.table() == [] and layer.tuner.summary()["steps"] == 0)
     layer(torch.randn(4, M), plan=Plan(r=0))
     assert layer.last_plan.source == "forced"
     fixed = MoELayer(M, H, E, parallelism=1, pipeline_degree=1, all_to_all="flat", seed=0)

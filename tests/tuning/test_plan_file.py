@@ -1,14 +1,22 @@
-"""Plan files on one process: validation, matching entries to layers, the `flexmoe tune` guard."""
+"""Plan files on one process: validation, matching entries to layers, the note of an empty table,
+the `flexmoe tune` guard."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from torch import nn
 
 from flexmoe import MoELayer
-from flexmoe.tuning.plan_table import apply_plan_table, export_plan_table, read_plan_table, write_plan_table
+from flexmoe.tuning.plan_table import (
+    ONE_PROCESS_NOTE,
+    apply_plan_table,
+    export_plan_table,
+    read_plan_table,
+    write_plan_table,
+)
 
 
 class Two(nn.Module):
@@ -32,6 +40,31 @@ def test_export_write_read_and_apply(tmp_path):
     assert export_plan_table(layer)["layers"][""]["layer"]["hidden_dim"] == 32
 
 
+def test_a_one_process_table_is_empty_and_says_why(tmp_path):
+    model = Two()
+    for layer in (model.a, model.b):
+        layer(torch.randn(300, 8)).sum().backward()  # a training step: still nothing to tune
+    table = export_plan_table(model)
+    assert [e["tuner"]["buckets"] for e in table["layers"].values()] == [[], []]
+    assert table["note"] == ONE_PROCESS_NOTE and "nothing was tuned" in table["note"]
+    path = write_plan_table(tmp_path / "plans.json", model)
+    assert read_plan_table(path)["note"] == ONE_PROCESS_NOTE
+    notes = apply_plan_table(Two(), path)
+    expected = "loaded 0 bucket(s): one process: every plan is the same local computation, nothing to tune"
+    assert notes == {"a": expected, "b": expected}
+    assert MoELayer(8, 16, 2, plan_table=str(path)).tuner.load_note == expected
+
+
+def test_a_table_from_several_processes_is_not_taken_on_one():
+    table = export_plan_table(Two())
+    del table["note"]
+    for entry in table["layers"].values():  # as if recorded on 2 ranks
+        entry["tuner"].update(world_size=2, ranks=[0, 1])
+    note = apply_plan_table(Two(), table)["a"]
+    assert note.startswith("not loaded (one process: every plan is the same local computation")
+    assert "world_size 2 (here 1)" in note
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         read_plan_table(tmp_path / "missing.json")
@@ -52,5 +85,5 @@ def test_clear_errors(tmp_path):
 def test_tune_needs_torchrun():
     from flexmoe.app.tune import main
 
-    with pytest.raises(SystemExit, match="torchrun"):
+    with pytest.raises(ValueError, match="run under torchrun"):  # `flexmoe tune`: one line, exit code 2
         main(["--max-steps", "1"])

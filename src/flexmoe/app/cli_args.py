@@ -91,3 +91,34 @@ def _leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` less `option` and its value ("--nproc 2" or "--nproc=2"): what a launcher passes on to
+    the processes it starts. Exact names only, so its parser must have allow_abbrev=False."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            out.append(item)
+    return out
+
+
+def add_cpu_allocator_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpu-allocator",
+        choices=("retain", "default"),
+        default="retain",
+        help="retain (default): keep freed host memory for reuse, as CUDA's caching allocator does; "
+        "default: the C library's behaviour (see flexmoe.cpu_memory)",
+    )
+
+
+def apply_cpu_allocator(choice: str) -> str:
+    """Applies --cpu-allocator; returns the allocator in effect, for the environment record."""
+    from flexmoe.cpu_memory import retain_freed_memory
+
+    return "retain" if choice == "retain" and retain_freed_memory() else "default"

@@ -2,7 +2,8 @@
 
 The capacity per (rank, expert) follows from the routing settings: C = ceil(k * cf * T / E) with T
 tokens per rank. Prints, per world size, every plan's predicted forward + backward time of one layer,
-the best plan and its speedup over the static default (r = 1, d = 1, flat).
+the best plan and its speedup over the static default (r = 1, d = 1, flat), under a legend of the
+columns. Times in ms with one decimal, speedups with two; --out keeps the unrounded figures.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 
 from flexmoe.app.cli_args import ArgumentParser, positive_float, positive_int, positive_int_list
-from flexmoe.bench.common import format_table
+from flexmoe.app.reporting import format_table
 from flexmoe.core.plans import STATIC_DEFAULT
 from flexmoe.json_file import write_json
 from flexmoe.tuning.cost_model import PRESETS, CostModel, LayerShape, candidate_plans
@@ -36,6 +37,29 @@ def predicted_plans(shape: LayerShape, model: CostModel) -> tuple[list[dict], di
         "speedup": static / best_t,
     }
     return rows, summary
+
+
+# (column, meaning), printed above the tables
+LEGEND = (
+    ("W", "ranks (GPUs)"),
+    ("E", "experts"),
+    ("s", "ranks sharing one expert's parameters (W / E when E < W, else 1)"),
+    ("capacity", "token slots per (rank, expert): C above"),
+    ("plan, best", "r=0: data parallel, the expert weights all-gathered; r>=1: expert parallel, tokens"),
+    ("", "sent by all-to-all, with r-way model parallelism inside an expert (r divides s)"),
+    ("", "d: chunks the all-to-all is split into, overlapped with the expert GEMMs"),
+    ("", "flat: one all-to-all; 2dh: intra-node, then inter-node"),
+    ("*_ms", "predicted forward + backward time of one layer on one rank, in ms"),
+    ("static_ms", "the static default plan, r=1 d=1 flat"),
+    ("speedup", "static_ms / the plan's time (> 1: faster than the static default)"),
+)
+TIMES = ("predicted_ms", "best_ms", "static_ms")
+RATIOS = ("speedup",)
+
+
+def _shown(row: dict) -> dict:
+    """A row as printed: times with one decimal, speedups with two."""
+    return {k: f"{v:.1f}" if k in TIMES else f"{v:.2f}" if k in RATIOS else v for k, v in row.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,9 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"cluster: {model.cluster.name}; M={args.model_dim} H={args.hidden_dim} E={args.experts} "
         f"T={args.tokens}/rank k={args.top_k} cf={args.capacity_factor} -> C={capacity}"
     )
+    print("legend:\n" + "\n".join(f"  {column:<11} {meaning}" for column, meaning in LEGEND))
     if args.all:
-        print(format_table(every, ("W", "plan", "predicted_ms", "speedup")))
-    print(format_table(summaries, ("W", "E", "s", "capacity", "best", "best_ms", "static_ms", "speedup")))
+        print(format_table([_shown(r) for r in every], ("W", "plan", "predicted_ms", "speedup")))
+    columns = ("W", "E", "s", "capacity", "best", "best_ms", "static_ms", "speedup")
+    print(format_table([_shown(r) for r in summaries], columns))
     payload = {"cluster": args.cluster, "args": vars(args), "summary": summaries, "plans": every}
     if args.out:
         write_json(args.out, payload)

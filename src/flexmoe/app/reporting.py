@@ -1,12 +1,18 @@
-"""Training report: metrics JSON (with the tuner's decisions) and plots, written by the first rank."""
+"""Training report: metrics JSON (with the tuner's decisions) and plots, written by the first rank;
+the environment record and the plain-text tables that every report and benchmark uses."""
 
 from __future__ import annotations
 
 import collections
+import os
+import platform
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flexmoe.bench.common import environment
+import torch
+
 from flexmoe.json_file import write_json
 
 
@@ -124,3 +130,44 @@ def write_report(
         metrics["plots"] = plot(out, history)
         write_json(out / "metrics.json", metrics)
     return metrics
+
+
+# -- the environment record and plain-text tables of every report and benchmark ------------------
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(**config) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    env.update(config)
+    return env
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
+    ]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)

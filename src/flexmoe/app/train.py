@@ -8,10 +8,11 @@ usual no-decay set, linear warm-up + cosine schedule, evaluation every epoch, sh
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -21,12 +22,13 @@ import torch.nn.functional as F
 from flexmoe.app import cli_args
 from flexmoe.app.data import DataSplit, load_split
 from flexmoe.app.launch import init_distributed
+from flexmoe.app.progress import start_progress
 from flexmoe.app.reporting import EpochLog, write_report
 from flexmoe.checkpoint import load_checkpoint, read_extra, save_checkpoint
 from flexmoe.core.config import check_positive_int
 from flexmoe.cpu_memory import retain_freed_memory
 from flexmoe.json_file import write_json
-from flexmoe.models import create_model
+from flexmoe.models import create_model, list_models
 from flexmoe.parallel.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
 from flexmoe.tuning.plan_table import apply_plan_table, export_plan_table
 
@@ -339,7 +341,8 @@ def _epoch(
 ) -> EpochLog:
     """One epoch of training, then the evaluation; the training loss is averaged over all ranks."""
     batches = run.batches(len(split.train), epoch)
-    progress = _progress(len(batches), f"epoch {epoch + 1}/{run.config.epochs}", enabled=run.show)
+    desc = f"epoch {epoch + 1}/{run.config.epochs}"
+    bar = start_progress(len(batches), desc, enabled=run.show, leave=False)
     loss_sum, images, seconds, load = _train_epoch(
         training.model,
         training.optimizer,
@@ -349,7 +352,7 @@ def _epoch(
         run.config,
         augment,
         run.device,
-        progress,
+        bar,
     )
     accuracy, test_loss = evaluate(
         training.model, split, batch=256, rank=run.rank, world=run.world, device=run.device
@@ -426,17 +429,12 @@ def _check_resumable(config: TrainConfig, checkpoint_dir: Path) -> None:
         )
 
 
-def _progress(total: int, desc: str, *, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
+def build_parser(prog: str = "flexmoe train", description: str | None = __doc__) -> cli_args.ArgumentParser:
+    """The options of `flexmoe train`; `flexmoe demo` builds on the same parser."""
     defaults = TrainConfig()
     a = cli_args
-    p = a.ArgumentParser(prog="flexmoe train", description=__doc__)
-    p.add_argument("--model", default=defaults.model)
+    p = a.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--model", choices=list_models(), default=defaults.model)
     p.add_argument(
         "--data", default=defaults.data, help="mnist_5k | digits | a folder of class folders | .npz"
     )
@@ -486,7 +484,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         metavar="FIELD=JSON",
         help="override a model config field, e.g. --set num_experts=4 --set gate='\"cosine\"'",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def config_from_args(parser: cli_args.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed options (options the parser has beyond TrainConfig's are ignored)."""
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -494,10 +496,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    values = {k: v for k, v in vars(args).items() if k != "set"}
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
     if args.limit is not None and args.limit < 2:
-        p.error(f"argument --limit: must be an integer >= 2, got {args.limit}")
+        parser.error(f"argument --limit: must be an integer >= 2, got {args.limit}")
     return TrainConfig(**values, model_overrides=overrides)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = build_parser()
+    return config_from_args(parser, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,8 +21,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from flexmoe import MoELayer
+from flexmoe.app import cli_args
 from flexmoe.app.launch import init_distributed
-from flexmoe.bench.common import add_cpu_allocator_argument, apply_cpu_allocator, format_table
+from flexmoe.app.reporting import format_table
+from flexmoe.core.layout import ACTIVATIONS
+from flexmoe.models import list_models
 from flexmoe.tuning.plan_table import tuned_layers, write_plan_table
 from flexmoe.tuning.tuner import TunerConfig
 
@@ -71,7 +74,7 @@ def tune(args, rank: int, device) -> dict:
     model, step = (_model_step if args.model else _layer_step)(args, rank, device)
     tuners = [m.tuner for m in tuned_layers(model).values()]
     if not tuners:
-        raise SystemExit("nothing to tune: the model has no MoE layer with a run-time tuner")
+        raise ValueError("nothing to tune: the model has no MoE layer with a run-time tuner")
     steps = 0
     # every rank's tuners walk in lockstep (agreed statistics), so every rank stops at the same step
     while steps < args.max_steps and (steps == 0 or any(t.exploring for t in tuners)):
@@ -93,35 +96,35 @@ def tune(args, rank: int, device) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="flexmoe tune", description=__doc__)
+    a = cli_args
+    p = a.ArgumentParser(prog="flexmoe tune", description=__doc__)
     p.add_argument(
-        "--model", default=None, help="a registered model (e.g. swinv2_moe_tiny); default: one layer"
+        "--model", choices=list_models(), default=None, help="a registered model; default: one layer"
     )
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="model config override")
-    p.add_argument("--batch-size", type=int, default=32, help="images per rank (--model)")
-    p.add_argument("--model-dim", type=int, default=256)
-    p.add_argument("--hidden-dim", type=int, default=1024)
-    p.add_argument("--experts", type=int, default=None, help="total experts (default 2 per rank)")
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=1.0)
-    p.add_argument("--activation", default="gelu")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per rank per step (one layer)")
-    p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--explore-budget", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=a.positive_int, default=32, help="images per rank (--model)")
+    p.add_argument("--model-dim", type=a.positive_int, default=256)
+    p.add_argument("--hidden-dim", type=a.positive_int, default=1024)
+    p.add_argument("--experts", type=a.positive_int, default=None, help="total experts (default 2 per rank)")
+    p.add_argument("--top-k", type=a.positive_int, default=2)
+    p.add_argument("--capacity-factor", type=a.positive_float, default=1.0)
+    p.add_argument("--activation", choices=ACTIVATIONS, default="gelu")
+    p.add_argument("--tokens", type=a.positive_int, default=1024, help="tokens per rank per step (one layer)")
+    p.add_argument("--max-steps", type=a.positive_int, default=200)
+    p.add_argument(
+        "--explore-budget", type=a.unit_interval, default=1.0, help="share of steps on non-chosen plans"
+    )
+    p.add_argument("--seed", type=a.nonnegative_int, default=0)
     p.add_argument("--out", default="plans.json")
-    add_cpu_allocator_argument(p)
-    args = p.parse_args(argv)
-    if args.max_steps < 1:
-        raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
-    return args
+    a.add_cpu_allocator_argument(p)
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if not (dist.is_initialized() or dist.is_torchelastic_launched()):
-        raise SystemExit("run under torchrun: torchrun --standalone --nproc-per-node 2 -m flexmoe.cli tune")
-    apply_cpu_allocator(args.cpu_allocator)
+        raise ValueError("run under torchrun: torchrun --standalone --nproc-per-node 2 -m flexmoe.cli tune")
+    cli_args.apply_cpu_allocator(args.cpu_allocator)
     rank, _, device = init_distributed()
     try:
         return tune(args, rank, device)

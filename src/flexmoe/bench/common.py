@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-from flexmoe.cpu_memory import retain_freed_memory
-
-
-def add_cpu_allocator_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cpu-allocator",
-        choices=("retain", "default"),
-        default="retain",
-        help="retain (default): keep freed host memory for reuse, as CUDA's caching allocator does; "
-        "default: the C library's behaviour (see flexmoe.cpu_memory)",
-    )
-
-
-def apply_cpu_allocator(choice: str) -> str:
-    """Applies --cpu-allocator; returns the allocator in effect, for the environment record."""
-    return "retain" if choice == "retain" and retain_freed_memory() else "default"
+__all__ = [
+    "interleaved_times",
+    "matmul_rate_steps",
+    "matmul_rates",
+    "paired_ratio",
+    "rates_from_times",
+    "square_matmul_step",
+    "synchronize",
+]
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
@@ -91,43 +80,3 @@ def matmul_rates(*, size: int = 1024, repeats: int = 5, device="cpu") -> dict[st
     since the bf16 rate differs by 1000x between the CPUs this project runs on."""
     steps, flops = matmul_rate_steps(size=size, device=device)
     return rates_from_times(interleaved_times(steps, warmup=1, repeats=repeats, device=device), flops)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(**config) -> dict:
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    env.update(config)
-    return env
-
-
-def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "-" if v is None else str(v)
-
-    cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [
-        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)
-    ]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)

@@ -29,13 +29,9 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer, Plan
-from flexmoe.bench.common import (
-    add_cpu_allocator_argument,
-    apply_cpu_allocator,
-    environment,
-    format_table,
-    matmul_rates,
-)
+from flexmoe.app.cli_args import add_cpu_allocator_argument, apply_cpu_allocator
+from flexmoe.app.reporting import environment, format_table
+from flexmoe.bench.common import matmul_rates
 from flexmoe.bench.in_model import (
     Phase,
     compare,

@@ -10,17 +10,20 @@ gradient + optimizer memory per rank. Needs the optional extra `flexmoe[transfor
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
-from flexmoe.bench.common import (
+from flexmoe.app.cli_args import (
+    ArgumentParser,
     add_cpu_allocator_argument,
     apply_cpu_allocator,
-    environment,
-    format_table,
+    nonnegative_int,
+    positive_int,
+)
+from flexmoe.app.reporting import environment, format_table
+from flexmoe.bench.common import (
     interleaved_times,
     matmul_rate_steps,
     matmul_rates,
@@ -281,16 +284,27 @@ def two_process(
     return rows
 
 
+def _layer_options(parser: ArgumentParser, plan: str) -> dict:
+    """--plan: "adaptive" -> {} (the tuner decides); "r,d" -> that plan with the flat all-to-all."""
+    if plan == "adaptive":
+        return {}
+    try:
+        r, d = (int(v) for v in plan.split(","))
+    except ValueError:
+        parser.error(f"argument --plan: must be 'adaptive' or r,d (two integers), got {plan!r}")
+    return dict(parallelism=r, pipeline_degree=d, all_to_all="flat")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="flexmoe bench hf", description=__doc__)
+    parser = ArgumentParser(prog="flexmoe bench hf", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a tiny model (smoke test)")
     parser.add_argument("--dist", action="store_true", help="under torchrun: shard_experts vs DDP")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=4, help="sequences per step")
+    parser.add_argument("--seq", type=positive_int, default=128, help="tokens per sequence")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--backends", default=None, help="comma-separated (default: every registered one)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds")
+    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed rounds first")
     parser.add_argument(
         "--plan",
         default="adaptive",
@@ -301,7 +315,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     for name in args.dtypes.split(","):
         if name not in DTYPES:
-            raise SystemExit(f"--dtypes must be a comma-separated subset of {tuple(DTYPES)}, got {name!r}")
+            parser.error(
+                f"argument --dtypes: must be a comma-separated subset of {tuple(DTYPES)}, got {name!r}"
+            )
+    layer_options = _layer_options(parser, args.plan)  # checked before any process group starts
     allocator = apply_cpu_allocator(args.cpu_allocator)
     config = QUICK if args.quick else MODEL
     device = (
@@ -314,15 +331,6 @@ def main(argv: list[str] | None = None) -> dict:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        layer_options = {}
-        if args.plan != "adaptive":
-            try:
-                r, d = (int(v) for v in args.plan.split(","))
-            except ValueError:
-                raise SystemExit(
-                    f"--plan must be 'adaptive' or r,d (two integers), got {args.plan!r}"
-                ) from None
-            layer_options = dict(parallelism=r, pipeline_degree=d, all_to_all="flat")
         rows = two_process(config, layer_options=layer_options, **timing)
         columns = ("variant", "world_size", "step_ms", "expert_MiB_per_rank", "speedup", "memory_ratio")
         columns += ("fp32_gflops", "bf16_gflops")

@@ -21,7 +21,8 @@ For each workload, in one run (same process, same threads):
 `--autocast bfloat16` runs every implementation on fp32 parameters under torch.autocast, and the
 floors in bf16. The fp32 and bf16 square matmul rates are printed beside every figure, since what
 bf16 gains depends on the machine (AMX / tensor cores) more than on the layer. `--memory` measures
-only working memory, on the configuration of issue 12 (T=16,384, M=H=1,024, E=16, top-2).
+only working memory, on one large layer: T=16,384 tokens, M=H=1,024, E=16 experts, top-2 (about 20 GB
+of host memory in fp32, most of it the einsum layer's one-hot tensors).
 
 Every step runs once per round, rounds repeat; times are medians and every ratio is the median of the
 per-round ratios, so that a slow spell of this shared machine cancels out of the comparisons.
@@ -41,12 +42,16 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer
-from flexmoe.baselines import GShardMoELayer
-from flexmoe.bench.common import (
+from flexmoe.app.cli_args import (
+    ArgumentParser,
     add_cpu_allocator_argument,
     apply_cpu_allocator,
-    environment,
-    format_table,
+    nonnegative_int,
+    positive_int,
+)
+from flexmoe.app.reporting import environment, format_table
+from flexmoe.baselines import GShardMoELayer
+from flexmoe.bench.common import (
     interleaved_times,
     matmul_rate_steps,
     paired_ratio,
@@ -391,10 +396,12 @@ MEMORY_COLUMNS = (
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="flexmoe bench layer", description=__doc__)
+    parser = ArgumentParser(
+        prog="flexmoe bench layer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny workloads (smoke test)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds")
+    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed rounds first")
     parser.add_argument("--out", default="bench_results/layer.json")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument(
@@ -410,7 +417,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the working-memory columns")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fairscale runs on cpu only)")
-    parser.add_argument("--only", type=int, action="append", help="run only these workload numbers (0-based)")
+    parser.add_argument(
+        "--only",
+        type=nonnegative_int,
+        action="append",
+        help="only this workload (0-based; repeatable)",
+    )
     add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)
     # --memory: the einsum layer alone needs ~16 GB there; retaining freed blocks would hold even more
@@ -426,6 +438,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memory:
         workloads = QUICK_WORKLOADS[:1] if args.quick else (MEMORY_WORKLOAD,)
     if args.only:
+        if max(args.only) >= len(workloads):
+            parser.error(
+                f"argument --only: must be below {len(workloads)} (the workloads), got {max(args.only)}"
+            )
         workloads = [workloads[i] for i in args.only]
     rows = []
     for w in workloads:

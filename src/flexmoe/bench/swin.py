@@ -8,20 +8,20 @@ inputs leave a handful of tokens).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-from flexmoe.bench.common import (
+from flexmoe.app.cli_args import (
+    ArgumentParser,
     add_cpu_allocator_argument,
     apply_cpu_allocator,
-    environment,
-    format_table,
-    interleaved_times,
-    paired_ratio,
+    nonnegative_int,
+    positive_int,
 )
+from flexmoe.app.reporting import environment, format_table
+from flexmoe.bench.common import interleaved_times, paired_ratio
 from flexmoe.json_file import write_json
 from flexmoe.models import create_model
 
@@ -93,11 +93,11 @@ def bench(config: dict, *, batch: int, repeats: int, warmup: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="flexmoe bench swin", description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser = ArgumentParser(prog="flexmoe bench swin", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a tiny model (smoke test)")
+    parser.add_argument("--batch", type=positive_int, default=64, help="images per step")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds")
+    parser.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed rounds first")
     parser.add_argument("--out", default="bench_results/swin.json")
     add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)

@@ -37,9 +37,10 @@ STATIC_DEFAULT = Plan(r=1, d=1, all_to_all="flat")
 
 @dataclass(frozen=True, kw_only=True)
 class PlanRecord:
-    """What the last forward ran with; `source` says who chose it:
-    "forced" (plan= argument), "fixed" (layer settings), "static-default" (adaptive without a tuner
-    decision), "tuner-explore" / "tuner" / "tuner-check" (the run-time tuner: a trial, its decision, its
+    """What the last forward ran with; `source` says who chose it: "forced" (plan= argument),
+    "fixed" (layer settings), "local" (adaptive on one process, where every plan is the same local
+    computation and the tuner does not run), "static-default" (adaptive without a tuner),
+    "tuner-explore" / "tuner" / "tuner-check" (the run-time tuner: a trial, its decision, its
     decision timed to catch a drift)."""
 
     r: int

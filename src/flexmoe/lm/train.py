@@ -10,38 +10,47 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from flexmoe.app import cli_args
+from flexmoe.app.progress import start_progress
 from flexmoe.app.reporting import tuner_report
 from flexmoe.lm.data import VOCAB, ByteCorpus
 from flexmoe.parallel.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
 
 
+def _option(default: object, describe: str):
+    """A field that is also a `flexmoe lm` option; `describe` is its --help line."""
+    return field(default=default, metadata={"help": describe})
+
+
 @dataclass(frozen=True, kw_only=True)
 class LMConfig:
-    steps: int = 300
-    batch_size: int = 16  # windows per rank and step
-    seq_len: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 20
-    hidden_size: int = 128
-    layers: int = 2
-    heads: int = 4
-    experts: int = 8
-    top_k: int = 2
-    moe_intermediate_size: int = 128
-    aux_loss_coef: float = 0.01
-    eval_every: int = 50
-    eval_windows: int = 32
-    seed: int = 0
-    max_bytes: int | None = None  # cap on the training bytes (None: the whole corpus)
-    out_dir: str = "runs/lm"
-    progress: bool = True
+    steps: int = _option(300, "optimizer steps")
+    batch_size: int = _option(16, "windows per rank and step")
+    seq_len: int = _option(128, "bytes per window")
+    lr: float = _option(3e-3, "peak learning rate (AdamW; linear warm-up, then cosine to a tenth)")
+    warmup_steps: int = _option(20, "steps of linear warm-up")
+    hidden_size: int = _option(128, "model width")
+    layers: int = _option(2, "decoder layers, each with an MoE block")
+    heads: int = _option(4, "attention heads (must divide --hidden-size)")
+    experts: int = _option(8, "experts per MoE block, sharded over the ranks")
+    top_k: int = _option(2, "experts per token")
+    moe_intermediate_size: int = _option(128, "hidden size of one expert")
+    aux_loss_coef: float = _option(0.01, "weight of the router's load-balancing loss")
+    eval_every: int = _option(50, "steps between two held-out evaluations")
+    eval_windows: int = _option(32, "held-out windows per evaluation")
+    seed: int = _option(0, "seed of the weights and the batches")
+    max_bytes: int | None = _option(None, "cap on the training bytes (default: the whole corpus)")
+    out_dir: str = _option("runs/lm", "where metrics.json and loss.png go")
+    progress: bool = _option(True, "--no-progress: print only the evaluations, no progress bar or lines")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -142,7 +151,7 @@ def train(config: LMConfig) -> dict:
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=config.lr, weight_decay=0.01)
     history, evals = [], []
     unigram = corpus.unigram_loss()
-    progress = _progress(config.steps, enabled=config.progress and rank == 0)
+    progress = start_progress(config.steps, "flexmoe lm", enabled=config.progress and rank == 0)
     started = time.perf_counter()
     ddp.train()
     for step in range(config.steps):
@@ -182,14 +191,8 @@ def train(config: LMConfig) -> dict:
     return metrics
 
 
-def _progress(total: int, *, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="flexmoe lm", disable=not enabled, dynamic_ncols=True)
-
-
 def _write(out: Path, metrics: dict) -> None:
-    from flexmoe.bench.common import environment
+    from flexmoe.app.reporting import environment
     from flexmoe.json_file import write_json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -220,19 +223,54 @@ def _write(out: Path, metrics: dict) -> None:
     write_json(out / "metrics.json", metrics)
 
 
-def parse_args(argv: list[str] | None = None) -> LMConfig:
-    defaults = LMConfig()
-    p = argparse.ArgumentParser(prog="flexmoe lm", description=__doc__)
+# LMConfig field type -> the option's validator; the others are >= 1
+NONNEGATIVE = ("warmup_steps", "seed")
+VALIDATORS = {"float": cli_args.positive_float, "str": str}
+
+
+def _validator(f: Field) -> Callable[[str], object]:
+    if f.name in NONNEGATIVE:
+        return cli_args.nonnegative_int
+    if f.name == "aux_loss_coef":
+        return cli_args.nonnegative_float
+    return VALIDATORS.get(f.type, cli_args.positive_int)
+
+
+def build_parser(prog: str = "flexmoe lm", description: str | None = __doc__) -> cli_args.ArgumentParser:
+    """One option per LMConfig field; the `flexmoe lm` launcher adds --nproc to the same parser."""
+    parser = cli_args.ArgumentParser(prog=prog, description=description)
     for f in fields(LMConfig):
         if f.name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_false")
+            describe = f.metadata["help"].removeprefix("--no-progress: ")
+            parser.add_argument("--no-progress", dest="progress", action="store_false", help=describe)
             continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
+        help_line = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
+        option = f"--{f.name.replace('_', '-')}"
+        parser.add_argument(option, type=_validator(f), default=f.default, help=help_line)
+    return parser
+
+
+def config_from_args(parser: cli_args.ArgumentParser, args: argparse.Namespace) -> LMConfig:
+    """The LMConfig of parsed options; a combination LMConfig refuses is the parser's one-line error."""
+    names = {f.name for f in fields(LMConfig)}
     try:
-        return LMConfig(**vars(p.parse_args(argv)))
+        return LMConfig(**{k: v for k, v in vars(args).items() if k in names})
     except ValueError as exc:
-        raise SystemExit(f"flexmoe lm: {exc}") from None
+        parser.error(_as_options(str(exc), names))
+
+
+def _as_options(message: str, names: set[str]) -> str:
+    """LMConfig's messages name fields ("top_k=3 must not exceed experts=2"); say the options."""
+    return re.sub(r"\b[a-z_]+\b", lambda m: _option_name(m.group(0), names), message)
+
+
+def _option_name(word: str, names: set[str]) -> str:
+    return f"--{word.replace('_', '-')}" if word in names else word
+
+
+def parse_args(argv: list[str] | None = None) -> LMConfig:
+    parser = build_parser()
+    return config_from_args(parser, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> dict:

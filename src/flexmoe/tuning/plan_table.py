@@ -3,7 +3,8 @@ run of another program on the same machines, starts from them instead of explori
 
     {"format": "flexmoe-plan-table", "version": 1,
      "layers": {"<module name>": {"layer": {model_dim, hidden_dim, num_experts, top_k, activation},
-                                  "tuner": <PlanTuner.state_dict()>}}}
+                                  "tuner": <PlanTuner.state_dict()>}},
+     "note": "..."}  # only in a table of one-process layers, which is empty: nothing runs the tuner
 
 A layer takes the entry with its module name, else the first entry whose layer settings match its
 own. The tuner itself checks that the world size and ranks match the recorded ones (else it explores
@@ -41,16 +42,21 @@ def tuned_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if getattr(m, "tuner", None) is not None}
 
 
+# why a plan file of a one-process model holds no bucket (the tuner never runs there)
+ONE_PROCESS_NOTE = "one process: every plan is the same local computation, nothing was tuned"
+
+
 def export_plan_table(model: nn.Module) -> dict:
-    """The plan table of every tuned layer of `model` (a model, or one MoELayer whose name is "")."""
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "layers": {
-            name: {"layer": layer_signature(m), "tuner": m.tuner.state_dict()}
-            for name, m in tuned_layers(model).items()
-        },
+    """The plan table of every tuned layer of `model` (a model, or one MoELayer whose name is "").
+    A table of one-process layers is empty and says why in its "note"."""
+    layers = {
+        name: {"layer": layer_signature(m), "tuner": m.tuner.state_dict()}
+        for name, m in tuned_layers(model).items()
     }
+    table = {"format": FORMAT, "version": VERSION, "layers": layers}
+    if layers and all(e["tuner"]["world_size"] == 1 for e in layers.values()):
+        table["note"] = ONE_PROCESS_NOTE
+    return table
 
 
 def write_plan_table(path, model: nn.Module) -> Path:

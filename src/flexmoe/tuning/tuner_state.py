@@ -120,7 +120,7 @@ def decode(state: dict, *, group: tuple[int, list[int]], bucket_size: int, known
         if state.get(name) != mine
     ]
     if mismatch:
-        return Decoded({}, {}, "not loaded, exploring afresh: recorded with " + ", ".join(mismatch), False)
+        return Decoded({}, {}, _mismatch_note(mismatch, world_size), False)
     buckets = {}
     for entry in state.get("buckets", []):
         plan = plan_from_dict(entry["plan"])
@@ -140,7 +140,26 @@ def decode(state: dict, *, group: tuple[int, list[int]], bucket_size: int, known
             generation=1,
         )
     counters = {name: int(value) for name, value in (state.get("counters") or {}).items()}
-    return Decoded(buckets, counters, f"loaded {len(buckets)} bucket(s)", True)
+    return Decoded(buckets, counters, _loaded_note(len(buckets), world_size), True)
+
+
+# On one process every plan is the same local computation: the tuner never runs, so a state recorded
+# there holds no bucket, and no state can change what this process does.
+ONE_PROCESS = "one process: every plan is the same local computation, nothing to tune"
+
+
+def _loaded_note(buckets: int, world_size: int) -> str:
+    if buckets:
+        return f"loaded {buckets} bucket(s)"
+    if world_size == 1:
+        return f"loaded 0 bucket(s): {ONE_PROCESS}"
+    return "loaded 0 bucket(s): the state holds no measured decision"
+
+
+def _mismatch_note(mismatch: list[str], world_size: int) -> str:
+    if world_size == 1:
+        return f"not loaded ({ONE_PROCESS}): recorded with " + ", ".join(mismatch)
+    return "not loaded, exploring afresh: recorded with " + ", ".join(mismatch)
 
 
 def plan_to_dict(plan: Plan) -> dict:

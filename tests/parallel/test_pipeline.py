@@ -42,10 +42,13 @@ def test_filled_rows_follow_the_counts():
 
 def test_nearly_equal_experts_are_padded_with_their_own_empty_rows():
     filled_WL = torch.tensor([[3, 3, 2], [3, 2, 3]])  # 6, 5, 5 rows: 2 padding rows make them equal
-    rows = FilledRows.from_counts(filled_WL, 3, H)
+    rows = FilledRows.from_counts(filled_WL, 4, H)  # c = 4: rows 0-7 expert 0, 8-15 expert 1, ...
     assert rows.sizes == (6, 6, 6)
-    # expert 1 takes the empty row 2 of sender 1 (flexible row 11), expert 2 row 2 of sender 0 (row 14)
-    assert rows.index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+    # expert 1 takes its first empty row (row 3 of sender 0: flexible row 11), expert 2 likewise (18)
+    assert rows.index.tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 13, 16, 17, 18, 20, 21, 22]
+    # padded to every row of the chunk (c = 3): nothing to pack
+    full = FilledRows.from_counts(filled_WL, 3, H)
+    assert full.index is None and full.sizes == (6, 6, 6)
     uneven = FilledRows.from_counts(torch.tensor([[3, 1, 2], [3, 2, 3]]), 3, H)  # 4 padding rows of 14
     assert uneven.sizes == (6, 3, 5) and uneven.index.numel() == 14
 

@@ -71,6 +71,8 @@ class FilledRows:
         take_LWc = torch.arange(c, device=filled_WL.device) < filled_WL.t().unsqueeze(-1)
         n = max(sizes)
         if pays_to_pad(L * n - sum(sizes), sum(sizes), n * hidden_width):
+            if n == W * c:  # padded to every row: nothing to pack
+                return FilledRows(None, (n,) * L)
             # each expert also takes its first n - size empty rows (distinct rows: no index repeats)
             need_L11 = torch.tensor([n - s for s in sizes], device=filled_WL.device).view(L, 1, 1)
             empty_LWc = ~take_LWc

@@ -15,6 +15,7 @@ import zlib
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from flexmoe.core.config import (
     ALL_TO_ALL_ALGORITHMS,
@@ -367,19 +368,22 @@ class MoELayer(nn.Module):
         clock = self.tuner.clock if self.tuner is not None else time.perf_counter
         started, trial = clock(), None
         capacity_factor = self.config.routing(training=self.training).capacity_factor
+        # the named stages show up in torch.profiler traces (bench dist's breakdown reads them)
         with autocast_disabled(device_type):
-            # route: each token's experts and its place in their queues
-            choices = self._choose_experts(x_TM, top_k_index, top_k_weights)
-            # agree capacity: the group's largest, and a check that every rank runs the same step
-            capacity = self._agree_capacity(plan, choices.capacity(capacity_factor), compute_dtype, x.device)
-            # choose plan: a forced or fixed one is known already, the tuner's depends on the capacity
-            if plan is None:
-                plan, source = self.tuner.choose(capacity, training=self.training, device=x.device)
-                trial = self.tuner.last_trial
-            plan, strategy = self._strategy(plan)
-            # run the plan's strategy: slots -> dispatch -> experts -> combine
-            routing = assign_slots(choices, capacity, capacity_multiple=strategy.capacity_multiple)
-            y_TM = self._run_strategy(strategy, x_TM.to(compute_dtype), routing, compute_dtype)
+            with record_function("flexmoe.route"):  # each token's experts and its place in their queues
+                choices = self._choose_experts(x_TM, top_k_index, top_k_weights)
+            with record_function("flexmoe.agree"):  # the group's capacity; every rank runs the same step
+                capacity = self._agree_capacity(
+                    plan, choices.capacity(capacity_factor), compute_dtype, x.device
+                )
+            with record_function("flexmoe.choose_plan"):  # forced or fixed already known, else the tuner's
+                if plan is None:
+                    plan, source = self.tuner.choose(capacity, training=self.training, device=x.device)
+                    trial = self.tuner.last_trial
+                plan, strategy = self._strategy(plan)
+            with record_function("flexmoe.run_plan"):  # slots -> dispatch -> experts -> combine
+                routing = assign_slots(choices, capacity, capacity_multiple=strategy.capacity_multiple)
+                y_TM = self._run_strategy(strategy, x_TM.to(compute_dtype), routing, compute_dtype)
         if trial is not None:
             self._trial_timer = time_step(
                 self.tuner, trial, forward_s=clock() - started, x=x_TM, y=y_TM, params=self.parameters()

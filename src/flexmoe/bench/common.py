@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = [
+    "gemm_floor_steps",
     "interleaved_times",
     "matmul_rate_steps",
     "matmul_rates",
@@ -80,3 +81,34 @@ def matmul_rates(*, size: int = 1024, repeats: int = 5, device="cpu") -> dict[st
     since the bf16 rate differs by 1000x between the CPUs this project runs on."""
     steps, flops = matmul_rate_steps(size=size, device=device)
     return rates_from_times(interleaved_times(steps, warmup=1, repeats=repeats, device=device), flops)
+
+
+def gemm_floor_steps(
+    w1_GMX: torch.Tensor, w2_GHM: torch.Tensor, rows_G: list[int], *, hidden_dim: int, dtype
+):
+    """(fwd+bwd step, fwd step) of only the expert GEMMs on `rows_G[g]` rows of expert g (6 GEMMs per
+    expert forward and backward, 2 forward), with the same matmul library the layers use: the work no
+    implementation of these experts avoids. `hidden_dim`: H (fc1 may be 2H wide for swiglu)."""
+    H, M = hidden_dim, w1_GMX.shape[1]
+    w1 = w1_GMX.detach().to(dtype)
+    w2 = w2_GHM.detach().to(dtype)
+    device = w1.device
+    rows = [torch.randn(n, M, dtype=dtype, device=device) for n in rows_G]
+    grads = [torch.randn(n, M, dtype=dtype, device=device) for n in rows_G]
+    hidden = [torch.randn(n, w1.shape[2], dtype=dtype, device=device) for n in rows_G]
+
+    def forward():
+        for e, x in enumerate(rows):
+            h = x @ w1[e]
+            _ = h[:, :H] @ w2[e]
+
+    def forward_backward():
+        for e, (x, g, h) in enumerate(zip(rows, grads, hidden, strict=True)):
+            h1 = x @ w1[e]
+            _ = h1[:, :H] @ w2[e]
+            _ = h[:, :H].t() @ g  # grad fc2
+            gh = g @ w2[e].t()  # grad hidden
+            _ = x.t() @ gh  # grad fc1
+            _ = gh @ w1[e][:, :H].t()  # grad x
+
+    return forward_backward, forward

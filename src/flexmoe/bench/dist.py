@@ -31,6 +31,8 @@ import torch.distributed as dist
 from flexmoe import MoELayer, Plan
 from flexmoe.app.cli_args import add_cpu_allocator_argument, apply_cpu_allocator
 from flexmoe.app.reporting import environment, format_table
+from flexmoe.bench import anchors
+from flexmoe.bench.anchors import ANCHOR_COLUMNS, ANCHOR_WORKLOADS, QUICK_ANCHORS, AnchorSettings
 from flexmoe.bench.common import matmul_rates
 from flexmoe.bench.in_model import (
     Phase,
@@ -470,6 +472,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         default=None,
         help="comma-separated indices into the workload list ('none': the drifting workloads only)",
     )
+    parser.add_argument(
+        "--anchors",
+        default=None,
+        help="comma-separated indices into the workloads run against DeepSpeed-MoE and the distributed "
+        "floor (default: all; 'none': skip them)",
+    )
+    parser.add_argument(
+        "--anchor-rounds", type=int, default=8, help="interleaved rounds of each anchor workload"
+    )
     parser.add_argument("--out", default=None)
     add_cpu_allocator_argument(parser)
     args = parser.parse_args(argv)
@@ -495,6 +506,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         drift_rounds=min(args.drift_rounds, 30) if args.quick else args.drift_rounds,
         drifting_workloads=_pick(DRIFTING, args.drifts),
     )
+    anchor_workloads = QUICK_ANCHORS if args.quick else ANCHOR_WORKLOADS
+    anchor_workloads = () if args.anchors == "none" else _pick(anchor_workloads, args.anchors)
+    settings = AnchorSettings(rounds=args.anchor_rounds)
+    if args.quick:
+        settings = AnchorSettings(adaptive_warmup=6, warmup=1, rounds=2, profile_steps=1)
+    result["anchors"] = anchors.run(anchor_workloads, settings)
     payload = None
     if dist.get_rank() == 0:
         print(
@@ -517,6 +534,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         )
         if result["adaptive"]:
             print(format_table(result["adaptive"], ADAPTIVE_COLUMNS))
+        for anchor in result["anchors"]:
+            print(format_table(anchor["rows"], ANCHOR_COLUMNS))
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in anchor["breakdown_ms_rank0"].items())
+            print(f"  {anchor['adaptive_plan']} on rank 0, ms per step: {stages}")
         if result["drifting"]:
             print(format_table(result["drifting"], DRIFT_COLUMNS))
         for drift in result["drifting"]:

@@ -52,6 +52,7 @@ from flexmoe.app.cli_args import (
 from flexmoe.app.reporting import environment, format_table
 from flexmoe.baselines import GShardMoELayer
 from flexmoe.bench.common import (
+    gemm_floor_steps,
     interleaved_times,
     matmul_rate_steps,
     paired_ratio,
@@ -144,28 +145,8 @@ def _padded_step(layer: MoELayer, x, *, backward: bool, dtype):
 
 def _gemm_floor_steps(layer: MoELayer, kept: list[int], dtype, device):
     """Only the expert GEMMs on exactly the kept rows, with the same matmul library."""
-    M, H = layer.config.model_dim, layer.config.hidden_dim
-    w1 = layer.experts.fc1_weight.detach().to(dtype)
-    w2 = layer.experts.fc2_weight.detach().to(dtype)
-    rows = [torch.randn(n, M, dtype=dtype, device=device) for n in kept]
-    grads = [torch.randn(n, M, dtype=dtype, device=device) for n in kept]
-    hidden = [torch.randn(n, w1.shape[2], dtype=dtype, device=device) for n in kept]
-
-    def forward():
-        for e, x in enumerate(rows):
-            h = x @ w1[e]
-            _ = h[:, :H] @ w2[e]
-
-    def forward_backward():
-        for e, (x, g, h) in enumerate(zip(rows, grads, hidden, strict=True)):
-            h1 = x @ w1[e]
-            _ = h1[:, :H] @ w2[e]
-            _ = h[:, :H].t() @ g  # grad fc2
-            gh = g @ w2[e].t()  # grad hidden
-            _ = x.t() @ gh  # grad fc1
-            _ = gh @ w1[e][:, :H].t()  # grad x
-
-    return forward_backward, forward
+    w = layer.experts
+    return gemm_floor_steps(w.fc1_weight, w.fc2_weight, kept, hidden_dim=layer.config.hidden_dim, dtype=dtype)
 
 
 def _ffn_floor_step(layer: MoELayer, kept: list[int], dtype, device):

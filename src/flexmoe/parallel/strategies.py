@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from flexmoe.core.dispatch import combine, dispatch
 from flexmoe.core.experts import Experts
@@ -105,7 +106,10 @@ class LocalStrategy:
         """(the routed experts' output, beside()). `dtype`: the expert compute dtype (x_TM's dtype when
         None; the layer passes autocast's). `beside`: other work (the shared experts); here, with no
         exchange to overlap, it simply runs after the experts."""
-        y_TM = run_packed(x_TM, routing, self.weights(dtype or x_TM.dtype), is_postscore=is_postscore)
+        with record_function("flexmoe.gather_weights"):
+            weights = self.weights(dtype or x_TM.dtype)
+        with record_function("flexmoe.experts"):
+            y_TM = run_packed(x_TM, routing, weights, is_postscore=is_postscore)
         return y_TM, None if beside is None else beside()
 
 
@@ -150,22 +154,27 @@ class ExpertParallelStrategy:
         backward while their gradients are (pipeline.pipelined_expert_exchange)."""
         layout, r = self.experts.layout, self.plan.r
         W, E, Cb = layout.world_size, layout.num_experts, routing.buffer_capacity
-        buffer_ECM = dispatch(x_TM, routing, is_postscore=is_postscore)
-        filled_EC = torch.arange(Cb, device=x_TM.device) < routing.kept_E.to(x_TM.device).unsqueeze(1)
-        if r > 1:  # every block of hidden columns sees every token
-            buffer_ECM, filled_EC = buffer_ECM.repeat(1, r, 1), filled_EC.repeat(1, r)
+        with record_function("flexmoe.dispatch"):
+            buffer_ECM = dispatch(x_TM, routing, is_postscore=is_postscore)
+            filled_EC = torch.arange(Cb, device=x_TM.device) < routing.kept_E.to(x_TM.device).unsqueeze(1)
+            if r > 1:  # every block of hidden columns sees every token
+                buffer_ECM, filled_EC = buffer_ECM.repeat(1, r, 1), filled_EC.repeat(1, r)
+        with record_function("flexmoe.gather_weights"):
+            weights = self.weights(dtype or x_TM.dtype)
         L, M = layout.local_experts, layout.model_dim
-        ret, side = pipelined_expert_exchange(
-            buffer_ECM.view(W, L, -1, M),
-            filled_EC.view(W, L, -1),
-            self.weights(dtype or x_TM.dtype),
-            self.groups,
-            d=self.plan.d,
-            algorithm=self.plan.all_to_all,
-            beside=beside,
-        )
-        ret_ECM = ret.view(E, r, Cb, M).sum(1) if r > 1 else ret.view(E, Cb, M)
-        return combine(ret_ECM, routing, is_postscore=is_postscore), side
+        with record_function("flexmoe.exchange"):  # all-to-alls and the experts, pipelined
+            ret, side = pipelined_expert_exchange(
+                buffer_ECM.view(W, L, -1, M),
+                filled_EC.view(W, L, -1),
+                weights,
+                self.groups,
+                d=self.plan.d,
+                algorithm=self.plan.all_to_all,
+                beside=beside,
+            )
+        with record_function("flexmoe.combine"):
+            ret_ECM = ret.view(E, r, Cb, M).sum(1) if r > 1 else ret.view(E, Cb, M)
+            return combine(ret_ECM, routing, is_postscore=is_postscore), side
 
 
 def build_strategy(plan: Plan, experts: Experts, groups: ExpertGroups):

@@ -32,12 +32,17 @@ def test_filled_rows_follow_the_counts():
     # of sender 1
     assert rows.sizes == (5, 1)
     assert rows.index.tolist() == [0, 1, 3, 4, 5, 9]
-    x = torch.arange(12.0).view(12, 1)
-    assert rows.pack(x).view(-1).tolist() == [0, 1, 3, 4, 5, 9]
-    back = rows.unpack(rows.pack(x), 12).view(-1)
-    assert back.tolist() == [0, 1, 0, 3, 4, 5, 0, 0, 0, 9, 0, 0]
+    # the received chunk [W, L, c]: sender 0's rows of experts 0 and 1, then sender 1's
+    recv = torch.arange(12.0).view(2, 2, 3, 1)
+    # flexible row f = l * 6 + w * 3 + j is received row (w * 2 + l) * 3 + j
+    assert rows.gather(recv).view(-1).tolist() == [0, 1, 6, 7, 8, 9]
+    back = rows.scatter(rows.gather(recv), (2, 2, 3))
+    assert back.shape == (2, 2, 3, 1)
+    assert back.view(-1).tolist() == [0, 1, 0, 0, 0, 0, 6, 7, 8, 9, 0, 0]
     full = FilledRows.from_counts(torch.full((2, 2), 3), 3, H)
-    assert full.index is None and full.sizes == (6, 6) and full.pack(x) is x
+    assert full.index is None and full.sizes == (6, 6)
+    assert full.gather(recv).view(-1).tolist() == [0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11]
+    assert torch.equal(full.scatter(full.gather(recv), (2, 2, 3)), recv)
 
 
 def test_nearly_equal_experts_are_padded_with_their_own_empty_rows():

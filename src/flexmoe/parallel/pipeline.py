@@ -57,8 +57,9 @@ class FilledRows:
     one batched GEMM. Empty rows are zeros from the sender; their outputs go back to slots the sender
     never reads, and their gradients are zeros, so the padding changes no result."""
 
-    index: torch.Tensor | None  # None: every row
+    index: torch.Tensor | None  # rows multiplied, in the flexible layout; None: every row
     sizes: tuple[int, ...]  # rows per local expert, the grouped FFN's group sizes
+    source: torch.Tensor | None = None  # the same rows in the received [W, L, c] layout
 
     @staticmethod
     def from_counts(filled_WL: torch.Tensor, c: int, hidden_width: int) -> FilledRows:
@@ -79,18 +80,27 @@ class FilledRows:
             rank_LWc = empty_LWc.reshape(L, -1).cumsum(1).view(L, W, c)
             take_LWc = take_LWc | (empty_LWc & (rank_LWc <= need_L11))
             sizes = (n,) * L
-        return FilledRows(take_LWc.reshape(-1).nonzero().squeeze(1), sizes)
+        index = take_LWc.reshape(-1).nonzero().squeeze(1)
+        # flexible row l * W * c + w * c + j is received row (w * L + l) * c + j
+        expert, rest = index // (W * c), index % (W * c)
+        source = (rest // c * L + expert) * c + rest % c
+        return FilledRows(index, sizes, source)
 
-    def pack(self, rows_RM: torch.Tensor) -> torch.Tensor:
-        return rows_RM if self.index is None else rows_RM.index_select(0, self.index)
-
-    def unpack(self, packed_NM: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Back to all rows; the rows without a token (their senders never read them) are zeros or
-        padding outputs."""
+    def gather(self, recv_WLcM: torch.Tensor) -> torch.Tensor:
+        """The rows to multiply, grouped by local expert, from a received chunk: one copy either way
+        (a gather of the chosen rows, or the reordering of all of them)."""
         if self.index is None:
-            return packed_NM
-        rows = packed_NM.new_zeros(num_rows, packed_NM.shape[1])
-        return rows.index_copy_(0, self.index, packed_NM)
+            return _to_flexible(recv_WLcM)
+        return recv_WLcM.reshape(-1, recv_WLcM.shape[-1]).index_select(0, self.source)
+
+    def scatter(self, rows_NM: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The experts' output rows back to the [W, L, c, M] layout they came in; the rows without a
+        token (their senders never read them) are zeros or padding outputs."""
+        W, L, c = shape
+        if self.index is None:
+            return _from_flexible(rows_NM, W, L, c)
+        out = rows_NM.new_zeros(W * L * c, rows_NM.shape[1])
+        return out.index_copy_(0, self.source, rows_NM).view(W, L, c, -1)
 
 
 class Exchange:
@@ -117,6 +127,8 @@ class Exchange:
 
 
 def _finish(handles) -> torch.Tensor:
+    if len(handles) == 1:  # d = 1: the received buffer as it is (cat would copy it)
+        return handles[0].wait()
     return torch.cat([handle.wait() for handle in handles], dim=2)
 
 
@@ -171,11 +183,10 @@ class PipelinedExpertExchange(torch.autograd.Function):
         filled = [FilledRows.from_counts(received_WLd[:, :, i], c, w1.shape[2]) for i in range(d)]
         outbound, saved = [], []
         for handle, rows in zip(inbound, filled, strict=True):
-            x_NM = rows.pack(_to_flexible(handle.wait()))
+            x_NM = rows.gather(handle.wait())
             y_NM, hpre = ffn_forward(x_NM, weights, rows.sizes)
             saved += [x_NM, hpre]  # the activation is recomputed from hpre in backward
-            y_RM = rows.unpack(y_NM, L * W * c)
-            outbound.append(groups.all_to_all_start(_from_flexible(y_RM, W, L, c), algorithm))
+            outbound.append(groups.all_to_all_start(rows.scatter(y_NM, (W, L, c)), algorithm))
         ret = _finish(outbound)
         ctx.save_for_backward(w1, b1, w2, b2, *saved)
         ctx.groups, ctx.d, ctx.algorithm, ctx.activation = groups, d, algorithm, activation
@@ -197,7 +208,7 @@ class PipelinedExpertExchange(torch.autograd.Function):
         for i, (handle, rows) in enumerate(zip(inbound, ctx.filled, strict=True)):
             x_NM, hpre = saved[2 * i : 2 * i + 2]
             grads = ffn_backward(
-                rows.pack(_to_flexible(handle.wait())),
+                rows.gather(handle.wait()),
                 x_NM,
                 hpre,
                 weights,
@@ -205,9 +216,9 @@ class PipelinedExpertExchange(torch.autograd.Function):
                 need_input_grad=True,
                 need_weight_grads=need_weights,
             )
-            grad_x_RM = rows.unpack(grads.x_RM, L * W * c)
+            grad_x_WLcM = rows.scatter(grads.x_RM, (W, L, c))
             # every rank sends its share whether or not it needs the result: the exchange is collective
-            outbound.append(ctx.groups.all_to_all_start(_from_flexible(grad_x_RM, W, L, c), ctx.algorithm))
+            outbound.append(ctx.groups.all_to_all_start(grad_x_WLcM, ctx.algorithm))
             if need_weights:
                 parts = (grads.w1_GMX, grads.b1_GX, grads.w2_GHM, grads.b2_GM)
                 totals = (

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import flexmoe.parallel.pipeline as pipeline
 from flexmoe.ops.expert_ffn import ExpertWeights, grouped_expert_ffn
 from flexmoe.parallel.comm import ExpertGroups
 from flexmoe.parallel.pipeline import FilledRows, pipelined_expert_exchange
+from flexmoe.testing.counting import record_multiplied_rows
 
 M, H = 6, 10
 
@@ -71,14 +71,7 @@ def test_only_filled_rows_are_multiplied_and_results_match(d, kept_list, monkeyp
     send = torch.randn(1, L, Cp, M, dtype=torch.float64) * filled_LC.unsqueeze(-1)
     send.requires_grad_()
     w = _weights(L)
-    rows_multiplied = []
-    real_forward = pipeline.ffn_forward
-
-    def counting_forward(x_RM, weights, sizes):
-        rows_multiplied.append(x_RM.shape[0])
-        return real_forward(x_RM, weights, sizes)
-
-    monkeypatch.setattr(pipeline, "ffn_forward", counting_forward)
+    rows_multiplied = record_multiplied_rows(monkeypatch)
     ret, _ = pipelined_expert_exchange(
         send, filled_LC.unsqueeze(0), w, ExpertGroups(None), d=d, algorithm="flat"
     )

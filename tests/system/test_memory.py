@@ -17,9 +17,9 @@ from flexmoe.core.dispatch import combine, combine_packed, dispatch, dispatch_pa
 from flexmoe.core.routing import route
 from flexmoe.ops import expert_ffn
 from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
-from flexmoe.parallel import pipeline
 from flexmoe.parallel.comm import ExpertGroups
 from flexmoe.parallel.strategies import ExpertParallelStrategy
+from flexmoe.testing.counting import record_multiplied_rows
 
 M, H = 3, 4
 
@@ -160,14 +160,7 @@ def test_expert_parallel_step_saves_rows_and_pre_activations_only(monkeypatch):
     layer = MoELayer(MB, HB, E, top_k=K, capacity_factor=1.0, seed=0)
     strategy = ExpertParallelStrategy(layer.experts, ExpertGroups(None), Plan(r=1, d=2))
     x = torch.randn(T, MB, requires_grad=True)
-    multiplied = []
-    real_forward = pipeline.ffn_forward
-
-    def counting_forward(x_RM, weights, sizes):
-        multiplied.append(x_RM.shape[0])
-        return real_forward(x_RM, weights, sizes)
-
-    monkeypatch.setattr(pipeline, "ffn_forward", counting_forward)
+    multiplied = record_multiplied_rows(monkeypatch)
 
     def run():
         config = layer.config.routing(training=True)

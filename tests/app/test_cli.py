@@ -74,6 +74,8 @@ def _user_error(capsys, argv: list[str]) -> str:
         (["bench", "layer", "--only", "99"], "--only"),
         (["bench", "swin", "--batch", "x"], "--batch"),
         (["bench", "hf", "--plan", "1"], "--plan"),
+        (["bench", "dist", "--rounds", "x"], "--rounds"),
+        (["bench", "dist"], "run under torchrun"),
         (["nonsense"], "command"),
     ],
 )

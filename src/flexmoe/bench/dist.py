@@ -18,7 +18,6 @@ as slow as its slowest rank).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
@@ -29,7 +28,13 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer, Plan
-from flexmoe.app.cli_args import add_cpu_allocator_argument, apply_cpu_allocator
+from flexmoe.app.cli_args import (
+    ArgumentParser,
+    add_cpu_allocator_argument,
+    apply_cpu_allocator,
+    nonnegative_int,
+    positive_int,
+)
 from flexmoe.app.reporting import environment, format_table
 from flexmoe.bench import anchors
 from flexmoe.bench.anchors import ANCHOR_COLUMNS, ANCHOR_WORKLOADS, QUICK_ANCHORS, AnchorSettings
@@ -444,23 +449,28 @@ def _pick(items: tuple, indices: str | None) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(prog="flexmoe bench dist", description=__doc__)
+    parser = ArgumentParser(prog="flexmoe bench dist", description=__doc__)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=nonnegative_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument(
         "--local-world-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="ranks per 'node' for 2dh (default: half the ranks when W >= 4)",
     )
-    parser.add_argument("--layers", type=int, default=3, help="MoE layers of the in-model comparison")
     parser.add_argument(
-        "--rounds", type=int, default=60, help="interleaved rounds of the in-model comparison (0: skip it)"
+        "--layers", type=positive_int, default=3, help="MoE layers of the in-model comparison"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=nonnegative_int,
+        default=60,
+        help="interleaved rounds of the in-model comparison (0: skip it)",
     )
     parser.add_argument(
         "--drift-rounds",
-        type=int,
+        type=nonnegative_int,
         default=240,
         help="rounds of each drifting workload, in three phases (0: skip them)",
     )
@@ -479,7 +489,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "floor (default: all; 'none': skip them)",
     )
     parser.add_argument(
-        "--anchor-rounds", type=int, default=8, help="interleaved rounds of each anchor workload"
+        "--anchor-rounds", type=positive_int, default=8, help="interleaved rounds of each anchor workload"
     )
     parser.add_argument("--out", default=None)
     add_cpu_allocator_argument(parser)
@@ -487,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     allocator = apply_cpu_allocator(args.cpu_allocator)
     if not dist.is_initialized():
         if not dist.is_torchelastic_launched():
-            raise SystemExit(
+            raise ValueError(
                 "run under torchrun: torchrun --standalone --nproc-per-node 4 -m flexmoe.cli bench dist"
             )
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))

@@ -31,7 +31,7 @@ from flexmoe.core.routing import ExpertChoices, RoutingPlan, assign_slots, choic
 from flexmoe.core.shared_experts import SharedExperts
 from flexmoe.ops.amp import autocast_disabled, expert_autocast_dtype
 from flexmoe.parallel import agreement
-from flexmoe.parallel.comm import ExpertGroups, WeakGroup, group_size_and_rank
+from flexmoe.parallel.comm import ExpertGroups, FinishedWork, WeakGroup, group_size_and_rank
 from flexmoe.parallel.strategies import build_strategy
 from flexmoe.tuning.cost_model import (
     ClusterSpec,
@@ -43,6 +43,7 @@ from flexmoe.tuning.cost_model import (
 )
 from flexmoe.tuning.plan_table import apply_plan_table
 from flexmoe.tuning.ranker import PlanRanker
+from flexmoe.tuning.replay import Decision, Decisions
 from flexmoe.tuning.trial_timer import time_step
 from flexmoe.tuning.tuner import PlanTuner, TunerConfig
 
@@ -97,8 +98,9 @@ class MoELayer(nn.Module):
         self._group = WeakGroup(group)  # held weakly: a layer must not outlive destroy_process_group's
         # ranks per node: set explicitly, or the topology torchrun reports
         local_world_size = c.local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+        finished = FinishedWork()  # the layer's finished collectives (see FinishedWork)
         # before anything that depends on the settings runs a collective (subgroups, the seed)
-        self._check_ranks_agree(world_size, dtype, local_world_size, (tuner, cluster))
+        self._check_ranks_agree(world_size, dtype, local_world_size, (tuner, cluster), finished)
         self.layout = ExpertLayout(
             num_experts=c.num_experts,
             model_dim=c.model_dim,
@@ -112,6 +114,7 @@ class MoELayer(nn.Module):
             group,
             shards_per_expert=self.layout.shards_per_expert,
             local_world_size=local_world_size,
+            finished=finished,
         )
         self._check_all_to_all()
         self.seed = _shared_seed(seed, group, world_size)
@@ -153,6 +156,7 @@ class MoELayer(nn.Module):
         self.last_plan: PlanRecord | None = None
         self.last_routing: RoutingPlan | None = None
         self._trial_timer = None  # times a tuner trial through this step's backward
+        self._decisions = Decisions()  # what forwards with a graph decided, for their recomputation
 
     @property
     def group(self):
@@ -169,6 +173,7 @@ class MoELayer(nn.Module):
         state["last_routing"] = None
         state["aux_loss"] = self.aux_loss.detach()
         state["_trial_timer"] = None  # hook handles of a step in flight
+        state["_decisions"] = Decisions()  # of graphs in flight
         return state
 
     # -- plans -------------------------------------------------------------------------------------
@@ -274,7 +279,9 @@ class MoELayer(nn.Module):
             agreement.Field("tuner and cluster settings (fingerprint)", _fingerprint(repr(tuning)), hex),
         ]
 
-    def _check_ranks_agree(self, world_size: int, dtype, local_world_size, tuning: tuple) -> None:
+    def _check_ranks_agree(
+        self, world_size: int, dtype, local_world_size, tuning: tuple, finished: FinishedWork
+    ) -> None:
         """Once per layer: all ranks built it with the same shapes and settings (ValueError naming
         every rank's value otherwise). A fingerprint of them is re-checked at every step."""
         tuner, cluster = tuning
@@ -283,7 +290,8 @@ class MoELayer(nn.Module):
         self._fingerprint = _fingerprint(struct.pack(f"<{len(fields)}q", *(f.code for f in fields)))
         if world_size > 1:
             # on the backend's own device (CPU for gloo, the current GPU for NCCL)
-            agreement.agree_fields(fields, group=self.group, what="MoELayer construction")
+            what = "MoELayer construction"
+            agreement.agree_fields(fields, group=self.group, what=what, finished=finished)
 
     def _agree_capacity(self, plan: Plan | None, capacity: int, compute_dtype, device) -> int:
         """Ranks must run the same plan on the same shapes, or the collectives would hang or abort:
@@ -305,7 +313,8 @@ class MoELayer(nn.Module):
                 ("adaptive", *ALL_TO_ALL_ALGORITHMS),
             ),
         ]
-        return f.agree_fields(fields, [capacity], self.group, device=device, what="MoELayer forward")[0]
+        what, finished = "MoELayer forward", self.groups.finished
+        return f.agree_fields(fields, [capacity], self.group, device=device, what=what, finished=finished)[0]
 
     # -- forward -----------------------------------------------------------------------------------
     def _validate(self, x: torch.Tensor) -> None:
@@ -318,15 +327,18 @@ class MoELayer(nn.Module):
                 f"x must have last dimension model_dim={self.config.model_dim}, got shape {tuple(x.shape)}"
             )
 
-    def _choose_experts(self, x_TM: torch.Tensor, top_k_index, top_k_weights) -> ExpertChoices:
-        """The layer's own gate, or routing given from outside (any router's top-k choices)."""
+    def _choose_experts(
+        self, x_TM: torch.Tensor, top_k_index, top_k_weights, *, count_load: bool = True
+    ) -> ExpertChoices:
+        """The layer's own gate, or routing given from outside (any router's top-k choices).
+        `count_load`: add the tokens to the expert load (not again when a forward is recomputed)."""
         if top_k_index is None and top_k_weights is None:
             if self.gate is None:
                 raise ValueError("this layer has no gate (gate=None): pass top_k_index and top_k_weights")
             bias_E = getattr(self, "expert_bias", None)
             config = self.config.routing(training=self.training)
             choices = choose_experts(self.gate(x_TM), config, training=self.training, selection_bias_E=bias_E)
-            if bias_E is not None and self.training:
+            if bias_E is not None and self.training and count_load:
                 self.expert_load += choices.demand_E.to(self.expert_load.dtype)
             return choices
         if top_k_index is None or top_k_weights is None:
@@ -348,13 +360,17 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """y = MoE(x). With `top_k_index`/`top_k_weights` ([T, k] over the flattened tokens of x) the
         routing comes from outside and the layer's gate is not used; the layer's capacity factor
-        still applies (0: dropless)."""
+        still applies (0: dropless). Under activation checkpointing (torch.utils.checkpoint,
+        use_reentrant=False) the recomputed forward replays the first one's plan and capacity, and is
+        not a step: the tuner neither counts nor times it (flexmoe.tuning.replay)."""
         self._validate(x)
-        plan, source = self._plan_before_routing(plan)
+        replayed = self._decisions.replayed()  # a recomputation: the first run's decision
+        if replayed is None:
+            plan, source = self._plan_before_routing(plan)
+            if self._trial_timer is not None:  # the previous timed step never finished its backward
+                self._trial_timer.cancel()
+                self._trial_timer = None
         x_TM = x.reshape(-1, self.config.model_dim)
-        if self._trial_timer is not None:  # the previous timed step never finished its backward
-            self._trial_timer.cancel()
-            self._trial_timer = None
         # Under autocast the experts (GEMMs, all-to-all, weight gathers) run in autocast's dtype and the
         # layer returns it, as nn.Linear does; the gate and routing stay fp32 (DESIGN sections 2, 11).
         # The casts are explicit and the rest runs with autocast off, so it computes exactly what an
@@ -363,7 +379,7 @@ class MoELayer(nn.Module):
         low_dtype = expert_autocast_dtype(self.experts.fc1_weight.dtype, device_type)
         compute_dtype = low_dtype or self.experts.fc1_weight.dtype
         out_dtype = low_dtype or x.dtype
-        if self.tuner is not None:  # the collectives carry the compute dtype (autocast's or the params')
+        if self.tuner is not None and replayed is None:  # the collectives carry the compute dtype
             self.tuner.rank_plans.set_bytes_per_element(compute_dtype.itemsize)
         clock = self.tuner.clock if self.tuner is not None else time.perf_counter
         started, trial = clock(), None
@@ -371,19 +387,27 @@ class MoELayer(nn.Module):
         # the named stages show up in torch.profiler traces (bench dist's breakdown reads them)
         with autocast_disabled(device_type):
             with record_function("flexmoe.route"):  # each token's experts and its place in their queues
-                choices = self._choose_experts(x_TM, top_k_index, top_k_weights)
+                choices = self._choose_experts(x_TM, top_k_index, top_k_weights, count_load=replayed is None)
             with record_function("flexmoe.agree"):  # the group's capacity; every rank runs the same step
-                capacity = self._agree_capacity(
-                    plan, choices.capacity(capacity_factor), compute_dtype, x.device
-                )
+                if replayed is not None:  # agreed by the first run; every rank replays alike
+                    capacity = replayed.capacity
+                else:
+                    capacity = self._agree_capacity(
+                        plan, choices.capacity(capacity_factor), compute_dtype, x.device
+                    )
             with record_function("flexmoe.choose_plan"):  # forced or fixed already known, else the tuner's
-                if plan is None:
+                if replayed is not None:
+                    plan, source = replayed.plan, replayed.source
+                elif plan is None:
                     plan, source = self.tuner.choose(capacity, training=self.training, device=x.device)
                     trial = self.tuner.last_trial
                 plan, strategy = self._strategy(plan)
             with record_function("flexmoe.run_plan"):  # slots -> dispatch -> experts -> combine
                 routing = assign_slots(choices, capacity, capacity_multiple=strategy.capacity_multiple)
                 y_TM = self._run_strategy(strategy, x_TM.to(compute_dtype), routing, compute_dtype)
+        if replayed is not None:  # the layer keeps what the first run left
+            return y_TM.to(out_dtype).view(x.shape)
+        self._decisions.remember(Decision(plan, source, capacity), y_TM)
         if trial is not None:
             self._trial_timer = time_step(
                 self.tuner, trial, forward_s=clock() - started, x=x_TM, y=y_TM, params=self.parameters()
@@ -412,7 +436,8 @@ class MoELayer(nn.Module):
             raise ValueError("update_expert_bias needs expert_bias_update_rate > 0 at construction")
         load_E = self.expert_load.clone()
         if self.layout.world_size > 1:
-            dist.all_reduce(load_E, group=self.group)
+            work = dist.all_reduce(load_E, group=self.group, async_op=True)
+            self.groups.finished.wait(work, load_E)  # often a step's last collective: see FinishedWork
         self.expert_bias += self.config.expert_bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.expert_load.zero_()
         return load_E

@@ -187,13 +187,13 @@ def _spy(log: list):
             log.append(("all_to_all", x.dtype))
         return originals[0](out, x, *args, **kwargs)
 
-    def gather(out, x, group):
+    def gather(out, x, group, **kwargs):
         log.append(("all_gather", x.dtype))
-        return originals[1](out, x, group)
+        return originals[1](out, x, group, **kwargs)
 
-    def scatter(out, x, group):
+    def scatter(out, x, group, **kwargs):
         log.append(("reduce_scatter", x.dtype))
-        return originals[2](out, x, group)
+        return originals[2](out, x, group, **kwargs)
 
     dist.all_to_all_single, comm.all_gather_flat, comm._reduce_scatter_flat = a2a, gather, scatter
     try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from flexmoe.parallel.comm import all_gather_flat, control_device
+from flexmoe.parallel.comm import FinishedWork, all_gather_flat, control_device
 
 __all__ = ["Field", "agree_fields", "choice_field", "config_fields", "float_field", "int_field"]
 
@@ -99,6 +99,7 @@ def agree_fields(
     *,
     device: torch.device | str | None = None,
     what: str = "",
+    finished: FinishedWork | None = None,
 ) -> list[int]:
     """Check that every rank of `group` holds equal `fields`, and return the group maximum of each of
     `maxima`: one all-gather of K + X int64 values. Every caller on every rank must pass the same
@@ -106,6 +107,7 @@ def agree_fields(
 
     Raises ValueError on every rank naming each differing field and every rank's value. `group=None`
     means WORLD when torch.distributed is initialised; a single process returns `maxima` unchanged.
+    `finished`: where the finished all-gather is kept (see flexmoe.parallel.comm.FinishedWork).
     """
     maxima = [int(v) for v in maxima]
     if group is None and not (dist.is_available() and dist.is_initialized()):
@@ -116,7 +118,7 @@ def agree_fields(
     local_K = torch.tensor([f.code for f in fields] + maxima, dtype=torch.int64)
     local_K = local_K.to(control_device(group, device))
     table_WK = torch.empty(world * local_K.numel(), dtype=torch.int64, device=local_K.device)
-    all_gather_flat(table_WK, local_K, group)
+    all_gather_flat(table_WK, local_K, group, finished=finished)
     rows = table_WK.view(world, -1).tolist()
     diffs = _differences(fields, [row[: len(fields)] for row in rows])
     if diffs:

@@ -13,7 +13,11 @@ Legend:
 
 from __future__ import annotations
 
+import atexit
+import collections
 import datetime
+import functools
+import time
 import weakref
 from collections.abc import Callable
 
@@ -30,6 +34,7 @@ __all__ = [
     "ALGORITHMS",
     "AllToAllHandle",
     "ExpertGroups",
+    "FinishedWork",
     "WeakGroup",
     "all_gather_flat",
     "all_gather_shards",
@@ -62,16 +67,29 @@ def _default_group(group: ProcessGroup | None) -> ProcessGroup | None:
     return group
 
 
-def all_gather_flat(out_flat: torch.Tensor, x_flat: torch.Tensor, group: ProcessGroup) -> None:
+def all_gather_flat(
+    out_flat: torch.Tensor, x_flat: torch.Tensor, group: ProcessGroup, *, finished: FinishedWork | None = None
+) -> None:
+    """`finished`: where the finished collective is kept (see FinishedWork); None: not kept."""
     # Newer torch renamed all_gather_into_tensor to all_gather_single (the old name warns);
     # both accept the 1-D concatenated form, which is also the only form gloo accepts.
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out_flat, x_flat, group=group)
+    _run(functools.partial(fn, out_flat, x_flat, group=group), out_flat, finished)
 
 
-def _reduce_scatter_flat(out_flat: torch.Tensor, x_flat: torch.Tensor, group: ProcessGroup) -> None:
+def _reduce_scatter_flat(
+    out_flat: torch.Tensor, x_flat: torch.Tensor, group: ProcessGroup, *, finished: FinishedWork | None = None
+) -> None:
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    fn(out_flat, x_flat, op=dist.ReduceOp.SUM, group=group)
+    _run(functools.partial(fn, out_flat, x_flat, op=dist.ReduceOp.SUM, group=group), out_flat, finished)
+
+
+def _run(collective: Callable, out: torch.Tensor, finished: FinishedWork | None) -> None:
+    """Run a collective to completion, through `finished` when given."""
+    if finished is None:
+        collective()
+    else:
+        finished.wait(collective(async_op=True), out)
 
 
 def _inherited_timeout(group: ProcessGroup) -> datetime.timedelta | None:
@@ -99,14 +117,15 @@ def control_device(group: ProcessGroup, device: torch.device | str | None) -> to
     return torch.device("cpu")
 
 
-def max_over_ranks(values, group: ProcessGroup | None = None, *, device=None):
+def max_over_ranks(values, group: ProcessGroup | None = None, *, device=None, finished=None):
     """Element-wise MAX over the group of floats (a list, or nested lists of equal lengths): the
-    slowest rank's time, the same on every rank. One all-reduce; a single process gets `values` back."""
+    slowest rank's time, the same on every rank. One all-reduce; a single process gets `values` back.
+    `finished`: where the finished all-reduce is kept (see FinishedWork)."""
     group = _default_group(group)
     if group is None or dist.get_world_size(group) == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=control_device(group, device))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    _run(functools.partial(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=group), t, finished)
     return t.tolist()
 
 
@@ -147,6 +166,57 @@ class WeakGroup:
         return (WeakGroup, (None,))
 
 
+class FinishedWork:
+    """Holds the last few finished gloo collectives (their torch Work objects) a while longer.
+
+    gloo's worker thread lets go of a Work only after waking its waiter. When Python dropped the Work
+    first, the worker destroys it and its tensors, which needs the GIL; a worker still waiting for the
+    GIL when the interpreter finalizes aborts the process ("terminate called without an active
+    exception"), which is how a job that exits without destroy_process_group died. A Work kept here
+    is freed by Python, on its own thread. A gloo worker holds one Work at a time, so the last few
+    suffice, and they are bounded. NCCL frees no tensor on its own threads: its Works are not kept.
+    What this cannot cover, a holder freed right after its last collective finished, is harmless
+    until the exit, and there _let_gloo_workers_finish hands the workers the GIL in time.
+    """
+
+    __slots__ = ("_works",)
+
+    def __init__(self, size: int = 16) -> None:
+        self._works: collections.deque = collections.deque(maxlen=size)
+
+    def wait(self, work, tensor: torch.Tensor) -> None:
+        """Wait for `work`, a collective on `tensor`'s device; keep it when gloo ran it."""
+        work.wait()
+        if tensor.device.type == "cpu":  # gloo's (NCCL moves CUDA tensors only)
+            self._works.append(work)
+
+    def __len__(self) -> int:
+        return len(self._works)
+
+    def __deepcopy__(self, memo) -> FinishedWork:
+        return FinishedWork(self._works.maxlen)  # a copy of a layer starts with nothing in flight
+
+    def __reduce__(self):
+        return (FinishedWork, (self._works.maxlen,))
+
+
+# how long the interpreter's exit hands the GIL to gloo's workers (see _let_gloo_workers_finish)
+_EXIT_GRACE_S = 0.05
+
+
+def _let_gloo_workers_finish() -> None:
+    """At exit, before the interpreter finalizes: a collective whose holder was freed right after it
+    finished (a layer freed as its function returns, say) may still be in a gloo worker's hands, and
+    the worker needs the GIL to free it. Sleeping hands the GIL over while that is still allowed."""
+    if dist.is_available() and dist.is_initialized() and "gloo" in str(dist.get_backend()):
+        time.sleep(_EXIT_GRACE_S)
+
+
+def _at_exit_let_gloo_workers_finish() -> None:
+    atexit.unregister(_let_gloo_workers_finish)  # registered once, however many groups are built
+    atexit.register(_let_gloo_workers_finish)
+
+
 # -- asynchronous all-to-all -----------------------------------------------------------------------
 
 
@@ -181,7 +251,7 @@ class ExpertGroups:
     ranks used by plan r (DESIGN section 3); with a valid `local_world_size` L (1 < L < W, W % L == 0)
     also the intra-node groups (ranks n*L .. n*L+L-1) and inter-node groups (ranks l, L+l, 2L+l, ...)
     of the two-dimensional hierarchical all-to-all (section 5). Rank sets that coincide share one
-    process group.
+    process group. `finished`: where finished collectives are kept (see FinishedWork; None: a new one).
     """
 
     def __init__(
@@ -191,6 +261,7 @@ class ExpertGroups:
         shards_per_expert: int = 1,
         local_world_size: int | None = None,
         timeout: datetime.timedelta | None = None,
+        finished: FinishedWork | None = None,
     ) -> None:
         if not _is_positive_int(shards_per_expert):
             raise ValueError(f"shards_per_expert must be a positive integer, got {shards_per_expert!r}")
@@ -201,6 +272,8 @@ class ExpertGroups:
 
         group = _default_group(group)
         self._group = WeakGroup(group)  # held weakly, as are the subgroups (see WeakGroup)
+        # every collective of these groups is waited through it (the owner's, when given)
+        self.finished = FinishedWork() if finished is None else finished
         self.world_size, self.rank = group_size_and_rank(group)
         self.shards_per_expert = shards_per_expert
         self.local_world_size = local_world_size
@@ -219,6 +292,7 @@ class ExpertGroups:
             return
 
         self._timeout = timeout if timeout is not None else _inherited_timeout(group)
+        _at_exit_let_gloo_workers_finish()
         # new_group on a rank set is a collective over the whole job, so it is called for every
         # subgroup on every rank, in one fixed order; a dict keyed by rank set dedupes (e.g. the
         # blocks of size L are the intra-node groups).
@@ -331,7 +405,7 @@ class ExpertGroups:
             work = dist.all_to_all_single(out, x, group=self.group, async_op=True)
 
             def finish_flat() -> torch.Tensor:
-                work.wait()
+                self.finished.wait(work, out)
                 return out
 
             return AllToAllHandle(finish_flat, (x,))
@@ -349,11 +423,12 @@ class ExpertGroups:
         work = dist.all_to_all_single(recv_LN, send_LN, group=self.intra_node, async_op=True)
 
         def finish_2dh() -> torch.Tensor:
-            work.wait()
+            self.finished.wait(work, recv_LN)
             # Now order by destination node: one inter-node message per node, among equal local ranks.
             send_NL = recv_LN.transpose(0, 1).contiguous()
             recv_NL = torch.empty_like(send_NL)  # [source node, source local rank, ...] = source rank
-            dist.all_to_all_single(recv_NL, send_NL, group=self.inter_node)
+            inter = dist.all_to_all_single(recv_NL, send_NL, group=self.inter_node, async_op=True)
+            self.finished.wait(inter, recv_NL)
             return recv_NL.view(self.world_size, *rest)
 
         return AllToAllHandle(finish_2dh, (send_LN,))
@@ -393,10 +468,11 @@ class _AllGatherShards(torch.autograd.Function):
     @amp_forward(cast_inputs=False)
     def forward(ctx, x: torch.Tensor, group: ProcessGroup, dtype: torch.dtype) -> torch.Tensor:
         ctx.group, ctx.shard_dtype = group, x.dtype
+        ctx.finished = FinishedWork(2)  # the graph keeps both collectives' Works (see FinishedWork)
         g = dist.get_world_size(group)
         x = x.to(dtype).contiguous()  # gathered in `dtype`: bf16 moves half the bytes of fp32
         out_g = torch.empty((g, *x.shape), dtype=dtype, device=x.device)
-        all_gather_flat(out_g.view(-1), x.view(-1), group)
+        all_gather_flat(out_g.view(-1), x.view(-1), group, finished=ctx.finished)
         return out_g
 
     @staticmethod
@@ -406,7 +482,7 @@ class _AllGatherShards(torch.autograd.Function):
         # summed in the shard's (master) dtype so that adding W low-precision terms loses no bits.
         grad_g = grad_g.to(ctx.shard_dtype).contiguous()
         grad = torch.empty(grad_g.shape[1:], dtype=grad_g.dtype, device=grad_g.device)
-        _reduce_scatter_flat(grad.view(-1), grad_g.view(-1), ctx.group)
+        _reduce_scatter_flat(grad.view(-1), grad_g.view(-1), ctx.group, finished=ctx.finished)
         return grad, None, None
 
 

@@ -12,7 +12,6 @@ import math
 import statistics
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from flexmoe.parallel.comm import max_over_ranks
@@ -64,25 +63,25 @@ def round_relative(samples: dict, plans: list) -> dict:
     return relative
 
 
-def agree_summaries(summaries: list[Summary], group, device=None) -> list[Summary]:
+def agree_summaries(summaries: list[Summary], group, device=None, finished=None) -> list[Summary]:
     """Element-wise MAX over the group of (median, spread) and MIN of n: a step is as slow as its
     slowest rank, and a candidate is as well measured as its least measured rank. Every rank gets the
-    same list back. One all-reduce of 3 * len(summaries) float64s."""
+    same list back. One all-reduce of 3 * len(summaries) float64s (kept in `finished`: see
+    flexmoe.parallel.comm.FinishedWork)."""
     if not _distributed(group) or not summaries:
         return list(summaries)
-    t = torch.tensor(
-        [v for s in summaries for v in (s.median, s.spread, -float(s.n))], dtype=torch.float64, device=device
-    )
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return [
-        Summary(m, sp, int(-n)) if -n > 0 else UNKNOWN
-        for m, sp, n in t.view(-1, 3).tolist()  # n travels negated: MAX of -n is -MIN of n
-    ]
+    values = [v for s in summaries for v in (s.median, s.spread, -float(s.n))]
+    t = max_over_ranks(values, group, device=device, finished=finished)
+    # n travels negated: MAX of -n is -MIN of n
+    triples = zip(t[0::3], t[1::3], t[2::3], strict=True)
+    return [Summary(m, sp, int(-n)) if -n > 0 else UNKNOWN for m, sp, n in triples]
 
 
-def agree_value(value: float, group, device=None) -> float:
+def agree_value(value: float, group, device=None, finished=None) -> float:
     """MAX over the group of one float (e.g. the median of the chosen plan's recent checks)."""
-    return float(max_over_ranks([value], group, device=device)[0]) if _distributed(group) else value
+    if not _distributed(group):
+        return value
+    return float(max_over_ranks([value], group, device=device, finished=finished)[0])
 
 
 def _distributed(group) -> bool:

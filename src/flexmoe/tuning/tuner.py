@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from flexmoe.core.plans import Plan
-from flexmoe.parallel.comm import WeakGroup
+from flexmoe.parallel.comm import FinishedWork, WeakGroup
 from flexmoe.tuning import tuner_state
 from flexmoe.tuning.trial_stats import (
     UNKNOWN,
@@ -97,6 +97,7 @@ class PlanTuner:
         self.rank_plans = rank_plans
         self.config = config
         self._group = WeakGroup(group)  # held weakly, like the layer's (see WeakGroup)
+        self.finished = FinishedWork()  # the agreements' collectives (see FinishedWork)
         self.clock = clock or time.perf_counter  # the layer times trials with it (tests inject one)
         self.buckets: dict[tuple[str, int], BucketState] = {}
         self.decisions: list[dict] = []
@@ -190,7 +191,7 @@ class PlanTuner:
                 # one all-reduce for both: seconds (the table, drift checks, the refit) and the
                 # round-relative times the verdict is taken on
                 summaries = absolute + [summarize(relative[p]) for p in ex.alive]
-                agreed = agree_summaries(summaries, self.group, device)
+                agreed = agree_summaries(summaries, self.group, device, self.finished)
                 ex.agreed.update(zip(ex.alive, agreed[:n], strict=True))
                 verdict = evaluate(agreed[n:], c.tolerance)
                 leader = ex.alive[verdict.best]
@@ -261,7 +262,7 @@ class PlanTuner:
         """Agree on the chosen plan's recent step time; re-explore when it is well above the trials'."""
         c = self.config
         local = summarize(state.checks).median if state.checks else 0.0  # 0: MAX takes the others'
-        state.last_check_s = agree_value(local, self.group, device)
+        state.last_check_s = agree_value(local, self.group, device, self.finished)
         base = state.agreed.get(state.best, UNKNOWN)
         if not (base.known and state.last_check_s > base.median * (1 + c.drift_threshold)):
             return False

@@ -23,6 +23,7 @@ COMMANDS = {
     "predict": ("flexmoe.app.inference", "classify images with a checkpoint"),
     "demo": ("flexmoe.app.demo", "the demo: SwinV2-MoE on MNIST-5k, 2 processes, adaptive runtime"),
     "lm": ("flexmoe.lm", "a byte-level Qwen3-MoE (transformers) on the Python stdlib, experts sharded"),
+    "compare": ("flexmoe.lm.compare", "an MoE against its dense twin (same active parameters): lm | swin"),
 }
 # benchmark -> (module, help)
 BENCHMARKS = {

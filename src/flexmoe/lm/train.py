@@ -72,7 +72,14 @@ class LMConfig:
             raise ValueError(f"max_bytes must exceed seq_len={self.seq_len}, got {self.max_bytes}")
 
 
-def build_model(config: LMConfig):
+def dense_width(config: LMConfig) -> int:
+    """The MLP width of the dense twin: as many hidden units per token as the MoE block activates."""
+    return config.top_k * config.moe_intermediate_size
+
+
+def build_model(config: LMConfig, *, dense: bool = False):
+    """The Qwen3-MoE of `config`; dense: its twin, the same class with every MoE block replaced by a
+    dense MLP of `dense_width` (Qwen3-MoE's `mlp_only_layers`), so embeddings and attention match."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import flexmoe.integrations.transformers  # noqa: F401  (registers "flexmoe")
@@ -81,17 +88,18 @@ def build_model(config: LMConfig):
         "qwen3_moe",
         vocab_size=VOCAB,
         hidden_size=config.hidden_size,
-        intermediate_size=4 * config.hidden_size,
+        intermediate_size=dense_width(config),  # used by the dense MLPs only
         moe_intermediate_size=config.moe_intermediate_size,
         num_experts=config.experts,
         num_experts_per_tok=config.top_k,
         norm_topk_prob=True,
         num_hidden_layers=config.layers,
+        mlp_only_layers=list(range(config.layers)) if dense else [],
         num_attention_heads=config.heads,
         num_key_value_heads=max(1, config.heads // 2),
         head_dim=config.hidden_size // config.heads,
         max_position_embeddings=max(512, config.seq_len),
-        output_router_logits=config.aux_loss_coef > 0,
+        output_router_logits=config.aux_loss_coef > 0 and not dense,
         router_aux_loss_coef=config.aux_loss_coef,
         tie_word_embeddings=False,
         bos_token_id=None,
@@ -99,6 +107,8 @@ def build_model(config: LMConfig):
         pad_token_id=None,
     )
     torch.manual_seed(config.seed)  # the same weights on every rank
+    if dense:
+        return AutoModelForCausalLM.from_config(cfg)
     return AutoModelForCausalLM.from_config(cfg, experts_implementation="flexmoe")
 
 
@@ -138,6 +148,49 @@ def _lr_at(step: int, config: LMConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def fit(model, corpus: ByteCorpus, config: LMConfig, *, label: str = "flexmoe lm") -> dict:
+    """Train `model` (wrapped for data parallelism or not) for config.steps steps, evaluating every
+    config.eval_every; returns {"steps", "evals", "train_seconds", "seconds"}. "train_seconds" (also on
+    every evaluation, so far) counts the training steps only, not the evaluations."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    history, evals, train_seconds = [], [], 0.0
+    progress = start_progress(config.steps, label, enabled=config.progress and rank == 0)
+    started = time.perf_counter()
+    model.train()
+    for step in range(config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1009 + rank)
+        ids = corpus.windows("train", config.batch_size, config.seq_len, gen)
+        step_started = time.perf_counter()
+        out = model(ids, labels=ids)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        clip_grad_norm(unwrap(model), 1.0)
+        optimizer.step()
+        train_seconds += time.perf_counter() - step_started
+        (loss,) = _mean_over_ranks([float(_lm_loss(out, config).detach())], world)
+        history.append({"step": step + 1, "loss": loss})
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            held_out = evaluate(unwrap(model), corpus, config, rank, world)
+            evals.append({"step": step + 1, "held_out_loss": held_out, "train_seconds": train_seconds})
+        progress.set_postfix(
+            loss=f"{loss:.3f}", held_out=f"{evals[-1]['held_out_loss']:.3f}" if evals else "-"
+        )
+        progress.update(1)
+        if rank == 0 and not config.progress and (step + 1) % config.eval_every == 0:
+            print(f"step {step + 1}: loss {loss:.4f}, held-out {evals[-1]['held_out_loss']:.4f}", flush=True)
+    progress.close()
+    return {
+        "steps": history,
+        "evals": evals,
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - started,
+    }
+
+
 def train(config: LMConfig) -> dict:
     """Train; returns the metrics (every rank) and writes them (first rank) to config.out_dir."""
     from flexmoe.integrations.transformers import moe_experts_modules, shard_experts
@@ -147,41 +200,14 @@ def train(config: LMConfig) -> dict:
     corpus = ByteCorpus.from_stdlib(max_bytes=config.max_bytes)
     model = shard_experts(build_model(config))
     layers = [m.flexmoe_layer for m in moe_experts_modules(model).values()]
-    ddp = wrap_data_parallel(model)
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=config.lr, weight_decay=0.01)
-    history, evals = [], []
-    unigram = corpus.unigram_loss()
-    progress = start_progress(config.steps, "flexmoe lm", enabled=config.progress and rank == 0)
-    started = time.perf_counter()
-    ddp.train()
-    for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1009 + rank)
-        ids = corpus.windows("train", config.batch_size, config.seq_len, gen)
-        out = ddp(ids, labels=ids)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        clip_grad_norm(unwrap(ddp), 1.0)
-        optimizer.step()
-        (loss,) = _mean_over_ranks([float(_lm_loss(out, config).detach())], world)
-        history.append({"step": step + 1, "loss": loss})
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            evals.append({"step": step + 1, "held_out_loss": evaluate(model, corpus, config, rank, world)})
-        progress.set_postfix(
-            loss=f"{loss:.3f}", held_out=f"{evals[-1]['held_out_loss']:.3f}" if evals else "-"
-        )
-        progress.update(1)
-        if rank == 0 and not config.progress and (step + 1) % config.eval_every == 0:
-            print(f"step {step + 1}: loss {loss:.4f}, held-out {evals[-1]['held_out_loss']:.4f}", flush=True)
-    progress.close()
+    run = fit(wrap_data_parallel(model), corpus, config)
     metrics = {
-        "final_held_out_loss": evals[-1]["held_out_loss"],
-        "unigram_loss": unigram,
-        "seconds": time.perf_counter() - started,
+        "final_held_out_loss": run["evals"][-1]["held_out_loss"],
+        "unigram_loss": corpus.unigram_loss(),
+        "seconds": run["seconds"],
         "world_size": world,
-        "steps": history,
-        "evals": evals,
+        "steps": run["steps"],
+        "evals": run["evals"],
         "corpus": corpus.summary(),
         "tuner": tuner_report(layers),
         "config": asdict(config),
@@ -239,15 +265,27 @@ def _validator(f: Field) -> Callable[[str], object]:
 def build_parser(prog: str = "flexmoe lm", description: str | None = __doc__) -> cli_args.ArgumentParser:
     """One option per LMConfig field; the `flexmoe lm` launcher adds --nproc to the same parser."""
     parser = cli_args.ArgumentParser(prog=prog, description=description)
+    add_config_options(parser)
+    return parser
+
+
+def add_config_options(
+    parser: cli_args.ArgumentParser, *, skip: tuple[str, ...] = (), defaults: dict | None = None
+) -> None:
+    """One option per LMConfig field but those in `skip`; `defaults` replaces some fields' defaults
+    (`flexmoe compare lm` shares these options with its own defaults)."""
+    defaults = defaults or {}
     for f in fields(LMConfig):
+        if f.name in skip:
+            continue
         if f.name == "progress":
             describe = f.metadata["help"].removeprefix("--no-progress: ")
             parser.add_argument("--no-progress", dest="progress", action="store_false", help=describe)
             continue
-        help_line = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
+        default = defaults.get(f.name, f.default)
+        help_line = f.metadata["help"] + ("" if default is None else f" (default: {default})")
         option = f"--{f.name.replace('_', '-')}"
-        parser.add_argument(option, type=_validator(f), default=f.default, help=help_line)
-    return parser
+        parser.add_argument(option, type=_validator(f), default=default, help=help_line)
 
 
 def config_from_args(parser: cli_args.ArgumentParser, args: argparse.Namespace) -> LMConfig:

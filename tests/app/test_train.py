@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from flexmoe.app.data import load_split
@@ -83,6 +84,34 @@ def test_trained_on_two_ranks_evaluates_the_same_on_one(tmp_path):
     accuracy, loss = evaluate(model, split, batch=64, rank=0, world=1, device="cpu")
     assert accuracy == results[0]["accuracy"]
     assert loss == pytest.approx(results[0]["loss"], abs=1e-5)
+
+
+def fsdp_worker(out: str) -> dict:
+    """The same run under DDP and under FSDP2, and the FSDP2 run again in two parts (resumed from
+    its checkpoint, which holds FSDP2's shards whole)."""
+    ddp = train(_config(f"{out}/ddp"))
+    fsdp = train(_config(f"{out}/fsdp", fsdp=True))
+    train(_config(f"{out}/split", fsdp=True, stop_after=1))
+    resumed = train(_config(f"{out}/split", fsdp=True, resume=True))
+    return {"ddp": ddp["epochs"], "fsdp": fsdp["epochs"], "resumed": resumed["epochs"]}
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_trains_as_ddp_and_its_checkpoint_loads_anywhere(tmp_path):
+    with DistributedPool(2, timeout_s=240) as pool:
+        results = pool.run(fsdp_worker, str(tmp_path))
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        for run in ("fsdp", "resumed"):
+            got = [e[key] for e in results[0][run]]
+            assert got == pytest.approx([e[key] for e in results[0]["ddp"]], abs=1e-5), (run, key)
+    # the FSDP2 checkpoint loads on one process (whole replicated tensors, re-sliced experts) as the
+    # DDP one does
+    fsdp, _ = load_trained_model(tmp_path / "fsdp" / "checkpoint", eval_capacity_factor=0.0, device="cpu")
+    ddp, _ = load_trained_model(tmp_path / "ddp" / "checkpoint", eval_capacity_factor=0.0, device="cpu")
+    want = ddp.state_dict()
+    for name, value in fsdp.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-5, msg=name)
+    assert parse_args(["--fsdp"]).fsdp
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):

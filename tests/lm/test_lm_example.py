@@ -79,6 +79,21 @@ def test_two_rank_training_learns_and_writes_its_report(tmp_path):
     assert saved["world_size"] == 2 and len(saved["tuner"]) == 2 and saved["evals"][-1]["step"] == 8
 
 
+def lm_fsdp_worker(out_dir: str) -> list[float]:
+    """The same steps under DDP and under FSDP2: (DDP's, FSDP2's) training losses."""
+    ddp = train(LMConfig(out_dir=f"{out_dir}/ddp", **TINY))
+    fsdp = train(LMConfig(out_dir=f"{out_dir}/fsdp", fsdp=True, **TINY))
+    return [h["loss"] for h in ddp["steps"]], [h["loss"] for h in fsdp["steps"]]
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_training_matches_ddp(tmp_path):
+    with DistributedPool(2, collective_timeout_s=60.0, timeout_s=200.0) as pool:
+        (ddp, fsdp), _ = pool.run(lm_fsdp_worker, str(tmp_path))
+    assert fsdp == pytest.approx(ddp, abs=1e-4)
+    assert parse_args(["--fsdp"]).fsdp and not parse_args([]).fsdp
+
+
 def test_launcher_rejects_a_bad_process_count(capsys):
     from flexmoe.lm import main as launch
 

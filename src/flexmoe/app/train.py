@@ -29,7 +29,7 @@ from flexmoe.core.config import check_positive_int
 from flexmoe.cpu_memory import retain_freed_memory
 from flexmoe.json_file import write_json
 from flexmoe.models import create_model, list_models
-from flexmoe.parallel.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
+from flexmoe.parallel.data_parallel import clip_grad_norm, fully_shard_model, unwrap, wrap_data_parallel
 from flexmoe.tuning.plan_table import apply_plan_table, export_plan_table
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # --precision -> autocast dtype
@@ -74,6 +74,8 @@ class TrainConfig:
     # (the MoE layers keep their gate and routing in fp32); "fp32": no autocast
     precision: str = "fp32"
     plan_table: str | None = None  # a plan file (`flexmoe tune`): the tuners start from its buckets
+    # FSDP2 (fully_shard_model) for the dense parameters instead of DDP; the experts are sharded anyway
+    fsdp: bool = False
     model_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -283,7 +285,7 @@ def _build_model(run: _Run, split: DataSplit) -> torch.nn.Module:
         notes = apply_plan_table(model, config.plan_table)
         if run.show:
             print(f"plan table {config.plan_table}: {notes}", flush=True)
-    return wrap_data_parallel(model)
+    return fully_shard_model(model) if config.fsdp else wrap_data_parallel(model)
 
 
 def _build_optimizer(run: _Run, model: torch.nn.Module, n_train: int) -> _Training:
@@ -470,6 +472,11 @@ def build_parser(prog: str = "flexmoe train", description: str | None = __doc__)
         default=None,
         metavar="FILE",
         help="a plan file from `flexmoe tune` (or a run's plan_table.json): known buckets are not explored",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="FSDP2 for the dense parameters instead of DDP (the experts are sharded either way)",
     )
     p.add_argument(
         "--no-retain-cpu-memory",

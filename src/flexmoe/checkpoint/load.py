@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flexmoe.checkpoint import files, integrity
+from flexmoe.checkpoint import dtensors, files, integrity
 from flexmoe.checkpoint.collective import Comm, fail_together
 from flexmoe.checkpoint.model_state import (
     expert_modules,
@@ -282,9 +282,10 @@ def load_checkpoint(
     except Exception as exc:
         error = exc
     fail_together(comm, error)
-    model.load_state_dict(loaded["model"], strict=True)
+    # FSDP2's parameters take their part of the whole tensors (no communication)
+    model.load_state_dict(dtensors.distributed_like_model(model, loaded["model"]), strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        optimizer.load_state_dict(dtensors.distributed_optimizer_state(optimizer, loaded["optimizer"]))
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     load_tuner_states(model, loaded["tuners"])

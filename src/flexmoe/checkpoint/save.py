@@ -8,7 +8,7 @@ import shutil
 import torch
 from torch import nn
 
-from flexmoe.checkpoint import files, integrity
+from flexmoe.checkpoint import dtensors, files, integrity
 from flexmoe.checkpoint.collective import Comm, fail_together, gather, on_first_rank
 from flexmoe.checkpoint.model_state import (
     check_weights_only,
@@ -115,8 +115,9 @@ def save_checkpoint(
         groups = optimizer_group_names(optimizer, names) if optimizer is not None else None
         modules, expert_sig = _expert_payload(experts, optimizer)
         signature = {"experts": expert_sig, "groups": groups}
+        whole = dtensors.gathered(model, optimizer)  # FSDP2's shards, whole (every rank takes part)
         if comm.rank == 0:
-            shared = _replicated_payload(model, experts, optimizer, scheduler, names, groups, extra)
+            shared = _replicated_payload(model, experts, optimizer, scheduler, names, groups, extra, whole)
     except Exception as exc:
         error = exc
     fail_together(comm, error)
@@ -191,11 +192,14 @@ def _write(obj, file) -> dict:
     return integrity.record(file, obj)
 
 
-def _replicated_payload(model, experts, optimizer, scheduler, names, groups, extra) -> dict:
+def _replicated_payload(model, experts, optimizer, scheduler, names, groups, extra, whole) -> dict:
+    """`whole`: the DTensor entries gathered whole (dtensors.gathered), saved instead of the shards."""
     if extra is not None:
         check_weights_only(extra, "extra")
     expert_keys = expert_state_keys(experts)
-    params = {k: compact(v) for k, v in model.state_dict().items() if k not in expert_keys}
+    whole_params, whole_optim = whole
+    state_dict = {**model.state_dict(), **whole_params}
+    params = {k: compact(v) for k, v in state_dict.items() if k not in expert_keys}
     optim = None
     if optimizer is not None:
         expert_ids = {id(p) for m in experts.values() for p in expert_params(m).values()}
@@ -203,7 +207,8 @@ def _replicated_payload(model, experts, optimizer, scheduler, names, groups, ext
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) not in expert_ids and optimizer.state.get(p):
-                    state[names[id(p)]] = copy_state(optimizer.state[p])
+                    name = names[id(p)]
+                    state[name] = copy_state(whole_optim.get(name, optimizer.state[p]))
         hyper = [
             {k: v for k, v in group.items() if k not in ("params", "param_names")}
             for group in optimizer.param_groups

@@ -23,7 +23,7 @@ from flexmoe.app import cli_args
 from flexmoe.app.progress import start_progress
 from flexmoe.app.reporting import tuner_report
 from flexmoe.lm.data import VOCAB, ByteCorpus
-from flexmoe.parallel.data_parallel import clip_grad_norm, unwrap, wrap_data_parallel
+from flexmoe.parallel.data_parallel import clip_grad_norm, fully_shard_model, unwrap, wrap_data_parallel
 
 
 def _option(default: object, describe: str):
@@ -50,7 +50,9 @@ class LMConfig:
     seed: int = _option(0, "seed of the weights and the batches")
     max_bytes: int | None = _option(None, "cap on the training bytes (default: the whole corpus)")
     out_dir: str = _option("runs/lm", "where metrics.json and loss.png go")
+    # a bool is a flag that turns its default over; its help names the flag
     progress: bool = _option(True, "--no-progress: print only the evaluations, no progress bar or lines")
+    fsdp: bool = _option(False, "--fsdp: FSDP2 for the dense parameters instead of DDP (experts are sharded)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -200,7 +202,7 @@ def train(config: LMConfig) -> dict:
     corpus = ByteCorpus.from_stdlib(max_bytes=config.max_bytes)
     model = shard_experts(build_model(config))
     layers = [m.flexmoe_layer for m in moe_experts_modules(model).values()]
-    run = fit(wrap_data_parallel(model), corpus, config)
+    run = fit(fully_shard_model(model) if config.fsdp else wrap_data_parallel(model), corpus, config)
     metrics = {
         "final_held_out_loss": run["evals"][-1]["held_out_loss"],
         "unigram_loss": corpus.unigram_loss(),
@@ -278,9 +280,10 @@ def add_config_options(
     for f in fields(LMConfig):
         if f.name in skip:
             continue
-        if f.name == "progress":
-            describe = f.metadata["help"].removeprefix("--no-progress: ")
-            parser.add_argument("--no-progress", dest="progress", action="store_false", help=describe)
+        if f.type == "bool":
+            flag, _, describe = f.metadata["help"].partition(": ")
+            action = "store_false" if flag.startswith("--no-") else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, help=describe)
             continue
         default = defaults.get(f.name, f.default)
         help_line = f.metadata["help"] + ("" if default is None else f" (default: {default})")

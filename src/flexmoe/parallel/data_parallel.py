@@ -21,7 +21,14 @@ from flexmoe.core.experts import is_expert_param
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["clip_grad_norm", "expert_parameter_names", "fully_shard_model", "unwrap", "wrap_data_parallel"]
+__all__ = [
+    "clip_grad_norm",
+    "dtensor_type",
+    "expert_parameter_names",
+    "fully_shard_model",
+    "unwrap",
+    "wrap_data_parallel",
+]
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
@@ -101,7 +108,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, *, group=None) -> float:
     device = next(model.parameters()).device
     once = torch.zeros((), dtype=torch.float64, device=device)  # replicated: the same on every rank
     spread = torch.zeros((), dtype=torch.float64, device=device)  # each rank holds its own part
-    dtensor = _dtensor_type()
+    dtensor = dtensor_type()
     for p, g in grads:
         if dtensor is not None and isinstance(g, dtensor):
             spread += _local_squares(g)
@@ -122,7 +129,7 @@ def _squares(g: torch.Tensor) -> torch.Tensor:
     return g.detach().double().pow(2).sum()
 
 
-def _dtensor_type():
+def dtensor_type():
     """DTensor, when torch.distributed.tensor is loaded (no DTensor exists before; importing it to
     tell would cost DDP users a second)."""
     module = sys.modules.get("torch.distributed.tensor")

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "layer": ("flexmoe.bench.layer", "one process: the layer against the einsum layer, fairscale and floors"),
     "dist": ("flexmoe.bench.dist", "under torchrun: the adaptive model against every static plan"),
     "swin": ("flexmoe.bench.swin", "SwinV2-MoE training and inference throughput against the einsum layer"),
+    "compile": ("flexmoe.bench.compile", "a block with a MoELayer, eager against torch.compile (fp32, bf16)"),
     "hf": ("flexmoe.bench.hf", "the transformers experts backends; --dist under torchrun: sharded vs DDP"),
 }
 

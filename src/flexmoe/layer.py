@@ -350,6 +350,11 @@ class MoELayer(nn.Module):
             )
         return choices_from_topk(top_k_index, top_k_weights, self.config.num_experts)
 
+    # torch.compile runs the layer as it runs eagerly: one graph break per MoE layer, the block's other
+    # work compiled around it. Tracing into it gains nothing and costs much: its host-side work (the
+    # capacity agreement, the tuner, the collectives, data-dependent sizes) breaks the graph about 30
+    # times, and its GEMMs run as the same library calls compiled or not.
+    @torch.compiler.disable
     def forward(
         self,
         x: torch.Tensor,

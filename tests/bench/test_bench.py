@@ -12,7 +12,8 @@ from flexmoe.bench.swin import main as bench_swin
 
 
 def test_layer_benchmark_quick(tmp_path):
-    payload = bench_layer(["--quick", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path / "l.json")])
+    out = str(tmp_path / "l.json")
+    payload = bench_layer(["--quick", "--repeats", "1", "--warmup", "0", "--breakdown", "--out", out])
     saved = json.loads((tmp_path / "l.json").read_text())
     assert saved["environment"]["torch"] and len(saved["results"]) == len(payload["results"]) == 2
     first = saved["results"][0]
@@ -20,6 +21,8 @@ def test_layer_benchmark_quick(tmp_path):
         assert first[key] > 0, key
     assert first["speedup_vs_einsum_fb"] > 0 and first["over_ffn_floor_fb"] > 0
     assert first["kept_rows"] <= first["tokens"] * first["top_k"]
+    cut = first["breakdown_ms"]["flexmoe"]  # by kind of operator (flexmoe.bench.op_breakdown)
+    assert cut["forward: gemm"] > 0 and cut["backward: gemm"] > 0 and cut["total"] > 0
 
 
 def test_swin_benchmark_quick(tmp_path):

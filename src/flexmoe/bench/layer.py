@@ -51,6 +51,7 @@ from flexmoe.app.cli_args import (
 )
 from flexmoe.app.reporting import environment, format_table
 from flexmoe.baselines import GShardMoELayer
+from flexmoe.bench import deepspeed_moe
 from flexmoe.bench.common import (
     gemm_floor_steps,
     interleaved_times,
@@ -60,6 +61,7 @@ from flexmoe.bench.common import (
     square_matmul_step,
 )
 from flexmoe.bench.memory import working_memory
+from flexmoe.bench.op_breakdown import op_breakdown
 from flexmoe.core.dispatch import combine, dispatch
 from flexmoe.core.routing import route
 from flexmoe.json_file import write_json
@@ -185,13 +187,8 @@ def _expert_ffn_step(layer: MoELayer, kept: list[int], dtype, device):
     return step
 
 
-def _fairscale_layer(w: LayerWorkload, dtype):
-    try:
-        from fairscale.nn import MOELayer, Top2Gate
-    except ImportError:
-        return None
-    if w.top_k != 2:
-        return None
+def _one_process_group() -> None:
+    """fairscale and DeepSpeed-MoE need a process group, even for one process."""
     if not dist.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -203,6 +200,16 @@ def _fairscale_layer(w: LayerWorkload, dtype):
             world_size=1,
             timeout=datetime.timedelta(seconds=600),
         )
+
+
+def _fairscale_layer(w: LayerWorkload, dtype):
+    try:
+        from fairscale.nn import MOELayer, Top2Gate
+    except ImportError:
+        return None
+    if w.top_k != 2:
+        return None
+    _one_process_group()
     experts = torch.nn.ModuleList(
         torch.nn.Sequential(
             torch.nn.Linear(w.model_dim, w.hidden_dim),
@@ -212,6 +219,33 @@ def _fairscale_layer(w: LayerWorkload, dtype):
         for _ in range(w.num_experts)
     )
     return MOELayer(Top2Gate(w.model_dim, w.num_experts), experts).to(dtype)
+
+
+class _OutputOnly(torch.nn.Module):
+    """DeepSpeed-MoE returns (y, aux loss); the steps here take y."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)[0]
+
+
+def _deepspeed_layer(w: LayerWorkload, layer: MoELayer, dtype):
+    """DeepSpeed-MoE with the layer's experts' activation, when deepspeed is installed."""
+    if not deepspeed_moe.available():
+        return None
+    _one_process_group()
+    module = deepspeed_moe.DeepSpeedMoE(
+        model_dim=w.model_dim,
+        hidden_dim=w.hidden_dim,
+        num_experts=w.num_experts,
+        top_k=w.top_k,
+        capacity_factor=w.capacity_factor,
+        activation=layer.experts.activation,
+    )
+    return _OutputOnly(module).to(dtype)
 
 
 def _build(w: LayerWorkload, dtype, device):
@@ -262,11 +296,22 @@ def _memory_modules(w: LayerWorkload, layer, base, x, dtype, device) -> dict:
     if fairscale is not None:  # fairscale takes [E, tokens / E, M] and needs a multiple of E rows
         xs = x.detach().view(w.num_experts, -1, w.model_dim).requires_grad_()
         modules["fairscale"] = (fairscale, xs, xs[:, :1])
+    deepspeed = _deepspeed_layer(w, layer, dtype) if torch.device(device).type == "cpu" else None
+    if deepspeed is not None:
+        modules["deepspeed"] = (deepspeed, x, x[:1])
     return modules
 
 
 def bench_workload(
-    w: LayerWorkload, *, repeats: int, warmup: int, dtype, device, autocast=None, memory: bool = True
+    w: LayerWorkload,
+    *,
+    repeats: int,
+    warmup: int,
+    dtype,
+    device,
+    autocast=None,
+    memory: bool = True,
+    breakdown: bool = False,
 ) -> dict:
     layer, base, x = _build(w, dtype, device)
     low = autocast or dtype  # the experts' compute dtype
@@ -307,7 +352,7 @@ def bench_workload(
     result["gemm_efficiency"] = (
         flops_fb / square_flops * paired_ratio(times["square_matmul_s"], times["gemm_floor_fb_s"])
     )
-    for impl in ("einsum", "fairscale", "padded"):
+    for impl in ("einsum", "fairscale", "deepspeed", "padded"):
         if f"{impl}_fb_s" in times:
             for mode in ("fb", "f"):
                 result[f"speedup_vs_{impl}_{mode}"] = paired_ratio(
@@ -321,6 +366,10 @@ def bench_workload(
     result["expert_ffn_over_gemm_floor_fb"] = paired_ratio(times["expert_ffn_fb_s"], times["gemm_floor_fb_s"])
     if memory:
         _memory(result, modules, amp, device)
+    if breakdown:  # flexmoe, the padded step and DeepSpeed-MoE cut alike (flexmoe.bench.op_breakdown)
+        stepped = {"flexmoe": steps["flexmoe_fb_s"], "padded": steps["padded_fb_s"]}
+        stepped.update({"deepspeed": steps["deepspeed_fb_s"]} if "deepspeed_fb_s" in steps else {})
+        result["breakdown_ms"] = {impl: op_breakdown(step) for impl, step in stepped.items()}
     return result
 
 
@@ -349,6 +398,7 @@ COLUMNS = (
     "peak_floor_fb_s",
     "speedup_vs_fairscale_fb",
     "speedup_vs_einsum_fb",
+    "speedup_vs_deepspeed_fb",
     "speedup_vs_padded_fb",
     "over_gemm_floor_fb",
     "over_gemm_floor_f",
@@ -376,6 +426,13 @@ MEMORY_COLUMNS = (
 )
 
 
+def breakdown_table(by_impl: dict[str, dict[str, float]]) -> str:
+    """One row per "phase: kind", one column (ms per fwd+bwd) per implementation."""
+    keys = sorted({k for b in by_impl.values() for k in b if k != "total"}) + ["total"]
+    rows = [{"ms per step": k, **{i: round(b.get(k, 0.0), 2) for i, b in by_impl.items()}} for k in keys]
+    return format_table(rows, ("ms per step", *by_impl))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(
         prog="flexmoe bench layer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -397,6 +454,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="only working memory, on T=16384 M=H=1024 E=16 top-2 (needs ~20 GB of host memory in fp32)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the working-memory columns")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="where flexmoe's, the padded and DeepSpeed-MoE's fwd+bwd spend their time, by kind of operator",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fairscale runs on cpu only)")
     parser.add_argument(
         "--only",
@@ -438,8 +500,11 @@ def main(argv: list[str] | None = None) -> dict:
                     device=args.device,
                     autocast=autocast,
                     memory=not args.no_memory,
+                    breakdown=args.breakdown,
                 )
             )
+            if args.breakdown:
+                print(breakdown_table(rows[-1]["breakdown_ms"]))
         print(f"done: {w.name}", flush=True)
     print(format_table(rows, MEMORY_COLUMNS if args.memory else COLUMNS))
     print(

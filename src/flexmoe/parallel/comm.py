@@ -174,14 +174,15 @@ class FinishedWork:
     GIL when the interpreter finalizes aborts the process ("terminate called without an active
     exception"), which is how a job that exits without destroy_process_group died. A Work kept here
     is freed by Python, on its own thread. A gloo worker holds one Work at a time, so the last few
-    suffice, and they are bounded. NCCL frees no tensor on its own threads: its Works are not kept.
+    suffice; few, because each holds its buffers alive (16 kept several GB per rank of exchange
+    buffers on a large model). NCCL frees no tensor on its own threads: its Works are not kept.
     What this cannot cover, a holder freed right after its last collective finished, is harmless
     until the exit, and there _let_gloo_workers_finish hands the workers the GIL in time.
     """
 
     __slots__ = ("_works",)
 
-    def __init__(self, size: int = 16) -> None:
+    def __init__(self, size: int = 4) -> None:
         self._works: collections.deque = collections.deque(maxlen=size)
 
     def wait(self, work, tensor: torch.Tensor) -> None:

@@ -1,6 +1,8 @@
 """The "flexmoe" experts backend inside transformers: tiny random models give the same logits and
 every gradient as transformers' "eager" experts (float64, 1e-10; float32 close); weights are used
-in place (views); unsupported experts are refused with a clear error."""
+in place (views); experts the fused FFN does not compute (GPT-OSS's custom gate, other activations,
+post-expert norms) take the generic path and equal eager too; under transformers' expert
+parallelism the ids of other ranks' experts are skipped."""
 
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ def test_flexmoe_backend_equals_eager_float64(name, monkeypatch):
     eager = tiny_model(name, implementation="eager")
     ours = tiny_model(name, implementation="flexmoe")
     calls = []
-    run_packed = fx.backend.run_packed
-    monkeypatch.setattr(fx.backend, "run_packed", lambda *a, **k: calls.append(1) or run_packed(*a, **k))
+    packed_moe = fx.backend.packed_moe
+    monkeypatch.setattr(fx.backend, "packed_moe", lambda *a, **k: calls.append(1) or packed_moe(*a, **k))
     want_logits, want_grads = _run(eager, ids)
     assert not calls
     got_logits, got_grads = _run(ours, ids)
@@ -68,10 +70,26 @@ def test_backend_switches_at_run_time_and_uses_the_weights_in_place():
         assert w.w1_GMX.shape == (4, 16, 24) and w.w2_GHM.shape == (4, 12, 16)
 
 
-def test_gpt_oss_custom_gate_is_refused_with_a_clear_error():
-    model = tiny_model("gpt_oss", implementation="flexmoe")
-    with pytest.raises(ValueError, match="_apply_gate"):
-        model(tiny_batch())
+def test_gpt_oss_custom_gate_equals_eager_float64(monkeypatch):
+    """GPT-OSS: interleaved gate/up columns, clamps, (up + 1) * gate * sigmoid(alpha * gate), biases."""
+    ids = tiny_batch(seed=3)
+    # a small limit: the clamps bind on some entries of these small random weights
+    eager = tiny_model("gpt_oss", implementation="eager", swiglu_limit=0.4)
+    ours = tiny_model("gpt_oss", implementation="flexmoe", swiglu_limit=0.4)
+    calls = []
+    generic = fx.backend.generic_experts_forward
+    monkeypatch.setattr(
+        fx.backend, "generic_experts_forward", lambda *a, **k: calls.append(1) or generic(*a, **k)
+    )
+    want_logits, want_grads = _run(eager, ids)
+    got_logits, got_grads = _run(ours, ids)
+    assert len(calls) == 2
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-10)
+    assert got_grads.keys() == want_grads.keys()
+    for n, g in want_grads.items():
+        torch.testing.assert_close(got_grads[n], g, rtol=0, atol=1e-10, msg=n)
+    with pytest.raises(ValueError, match="_apply_gate"):  # flexmoe's sharded layer cannot run it
+        fx.shard_experts(ours)
 
 
 # -- synthetic experts modules: biases, transposed weights, no gate, other activations ----------------
@@ -142,10 +160,71 @@ def test_biases_transposed_weights_and_ungated_experts(has_gate, has_bias, trans
         (False, "tanh", "SiLU, ReLU"),
     ],
 )
-def test_unsupported_activations_are_refused(has_gate, act, match):
+def test_other_activations_take_the_generic_path(has_gate, act, match):
+    """The backend runs them (equal to transformers' own batched path); flexmoe's sharded layer,
+    which needs its fused FFN, refuses them with the reason."""
     config = types.SimpleNamespace(
-        num_experts=3, hidden_size=4, moe_intermediate_size=5, _experts_implementation="flexmoe"
+        num_experts=3, hidden_size=4, moe_intermediate_size=5, _experts_implementation="eager"
     )
-    module = _experts_class(has_gate=has_gate, has_bias=False, transposed=False, act=act)(config)
+    module = _experts_class(has_gate=has_gate, has_bias=True, transposed=False, act=act)(config)
+    _assert_flexmoe_equals_eager(module, config, T=9, k=2)
     with pytest.raises(ValueError, match=match):
-        module(torch.randn(2, 4, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
+        fx.backend.check_supported(module)
+
+
+def _assert_flexmoe_equals_eager(module, config, *, T: int, k: int, index=None, weights=None):
+    E, M = module.num_experts, config.hidden_size
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(T, M, generator=gen, dtype=torch.float64, requires_grad=True)
+    if index is None:
+        index = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    if weights is None:
+        weights = torch.rand(T, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    leaves = [x, weights, *module.parameters()]
+    config._experts_implementation = "eager"
+    want = module(x, index, weights)
+    want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
+    config._experts_implementation = "flexmoe"
+    got = module(x, index, weights)
+    got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for g, w in zip(got_g, want_g, strict=True):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def test_any_custom_apply_gate_and_post_expert_norm_take_the_generic_path():
+    """An experts class with its own `_apply_gate`, interleaved columns and a post-expert norm."""
+
+    @hf_moe.use_experts_implementation(is_concatenated=False, has_post_expert_norm=True)
+    class Odd(_experts_class(has_gate=True, has_bias=False, transposed=False, act="silu")):
+        def __init__(self, config):
+            super().__init__(config)
+            self.post_expert_norm = torch.nn.LayerNorm(config.hidden_size, dtype=torch.float64)
+
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+            return torch.tanh(gate).clamp(max=0.5) * up.square()
+
+    config = types.SimpleNamespace(
+        num_experts=4, hidden_size=6, moe_intermediate_size=5, _experts_implementation="eager"
+    )
+    _assert_flexmoe_equals_eager(Odd(config), config, T=13, k=3)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_other_ranks_experts_are_skipped_under_transformers_expert_parallelism(fused):
+    """transformers' "all_reduce" EP marks other ranks' experts with id E (weight 0)."""
+    act = "silu" if fused else "tanh"
+    config = types.SimpleNamespace(
+        num_experts=3, hidden_size=4, moe_intermediate_size=5, _experts_implementation="eager"
+    )
+    module = _experts_class(has_gate=fused, has_bias=True, transposed=True, act=act)(config)
+    module._is_expert_parallel = True
+    T, k = 10, 2
+    gen = torch.Generator().manual_seed(8)
+    index = torch.randint(0, 5, (T, k), generator=gen).clamp(max=3)  # 3 = another rank's expert
+    weights = torch.rand(T, k, generator=gen, dtype=torch.float64).masked_fill(index == 3, 0.0)
+    _assert_flexmoe_equals_eager(module, config, T=T, k=k, index=index, weights=weights.requires_grad_())

@@ -3,9 +3,12 @@ transformers experts backend, training steps (forward, backward, AdamW) in fp32 
 
 One process (the default): the whole step per backend, and the experts' part alone (one MoE block's
 experts called on the routing its router gives, forward + backward), with the speedup of "flexmoe"
-over each backend as paired per-round ratios. Under torchrun (`--dist`): flexmoe's `shard_experts`
-+ `wrap_data_parallel` against plain DDP with "grouped_mm", step time and the experts' parameter +
-gradient + optimizer memory per rank. Needs the optional extra `flexmoe[transformers]`.
+over each backend as paired per-round ratios. Under torchrun (`--dist`), fp32 training steps of:
+plain DDP with "grouped_mm"; flexmoe's `shard_experts` + `wrap_data_parallel`; transformers' own
+EP + FSDP2 (DistributedConfig(ep_size=W, fsdp_size=W)) with its "all_to_all" exchange, and with
+flexmoe's EP implementation; step times (interleaved rounds, each round's slowest rank, medians),
+speedups as paired per-round ratios, and the experts' parameter + gradient + optimizer memory per rank.
+Needs the optional extra `flexmoe[transformers]`.
 """
 
 from __future__ import annotations
@@ -221,66 +224,130 @@ def one_process(config: dict, *, batch: int, seq: int, dtypes: list[str], reques
     return rows
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (the local shard of a DTensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _expert_bytes(model, optimizer) -> int:
     """Bytes of the experts' parameters, gradients and optimizer state held by this process."""
     total = 0
     for name, p in model.named_parameters():
         if ".experts." not in name:
             continue
-        total += p.numel() * p.element_size() * (2 if p.grad is not None else 1)
+        total += _local(p).numel() * p.element_size() * (2 if p.grad is not None else 1)
         for value in optimizer.state.get(p, {}).values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
-                total += value.numel() * value.element_size()
+                total += _local(value).numel() * value.element_size()
     return total
 
 
+# the variants of --dist: DDP around the whole model; flexmoe's sharding + DDP for the rest;
+# transformers' own EP + FSDP2 (DistributedConfig) with its token exchange, or with flexmoe's
+DIST_VARIANTS = ("ddp_grouped_mm", "flexmoe_sharded", "hf_ep_all_to_all", "hf_ep_flexmoe")
+
+
+def _hf_ep_model(folder: str, ep_implementation: str):
+    """The model loaded under DistributedConfig(ep_size=W, fsdp_size=W): transformers shards the
+    experts (whole experts per rank) and applies FSDP2 to the rest."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    W = dist.get_world_size()
+    distributed = DistributedConfig(ep_size=W, fsdp_size=W, ep_implementation=ep_implementation)
+    # placed by transformers on this rank's device
+    return AutoModelForCausalLM.from_pretrained(
+        folder, distributed_config=distributed, experts_implementation="grouped_mm", dtype=torch.float32
+    )
+
+
 def two_process(
-    config: dict, *, batch: int, seq: int, repeats: int, warmup: int, device, layer_options: dict
+    config: dict,
+    *,
+    batch: int,
+    seq: int,
+    repeats: int,
+    warmup: int,
+    device,
+    layer_options: dict,
+    variants: tuple[str, ...] = DIST_VARIANTS,
 ):
+    import tempfile
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from flexmoe.integrations.transformers import shard_experts
+    from flexmoe.integrations.transformers import register_ep_implementation, shard_experts
     from flexmoe.parallel.data_parallel import wrap_data_parallel
 
     rank, W = dist.get_rank(), dist.get_world_size()
     rates = matmul_rates(device=device)  # every rank at once, as the steps run
     ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(rank))
     ids = ids.to(device)
-    variants = {}
-    for name in ("ddp_grouped_mm", "flexmoe_sharded"):
-        model = build_model(config, torch.float32, device)
-        model.train()
-        if name == "flexmoe_sharded":
-            wrapped = wrap_data_parallel(shard_experts(model, **layer_options))
-        else:
-            wrapped = DistributedDataParallel(model)
-        optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-5)
+    # the flexmoe EP implementation with the plan asked for (the tuner's with "adaptive")
+    register_ep_implementation("flexmoe_bench", **layer_options)
+    names, variants = variants, {}
+    with tempfile.TemporaryDirectory() as own_folder:
+        # transformers' EP loads a checkpoint: rank 0's (save_pretrained writes on rank 0 only), so
+        # the ranks share a file system (one node, as torchrun --nproc-per-node runs it)
+        box = [own_folder]
+        dist.broadcast_object_list(box, src=0)
+        folder = box[0]
+        if rank == 0:
+            build_model(config, torch.float32, "cpu").save_pretrained(folder)
+        dist.barrier()
+        for name in names:
+            if name == "hf_ep_all_to_all":
+                wrapped = model = _hf_ep_model(folder, "all_to_all")
+            elif name == "hf_ep_flexmoe":
+                wrapped = model = _hf_ep_model(folder, "flexmoe_bench")
+            else:
+                model = build_model(config, torch.float32, device)
+                if name == "flexmoe_sharded":
+                    wrapped = wrap_data_parallel(shard_experts(model, **layer_options))
+                else:
+                    wrapped = DistributedDataParallel(model)
+            model.train()
+            optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-5)
 
-        def step(wrapped=wrapped, optimizer=optimizer):
-            optimizer.zero_grad(set_to_none=False)
-            wrapped(ids, labels=ids).loss.backward()
-            optimizer.step()
+            def step(wrapped=wrapped, optimizer=optimizer):
+                optimizer.zero_grad(set_to_none=False)
+                wrapped(ids, labels=ids).loss.backward()
+                optimizer.step()
 
-        variants[name] = (step, model, optimizer)
+            variants[name] = (step, model, optimizer)
+        dist.barrier()  # rank 0 removes the checkpoint once every rank has loaded it
     times = interleaved_times(
         {n: v[0] for n, v in variants.items()}, warmup=warmup, repeats=repeats, device=device
     )
+    # a round of a step lasts as long as its slowest rank: every figure below is the group's
+    for name, seconds in times.items():
+        per_round = torch.tensor(seconds, dtype=torch.float64)
+        dist.all_reduce(per_round, op=dist.ReduceOp.MAX)
+        times[name] = per_round.tolist()
+
+    def speedup(baseline: str, name: str) -> float | None:
+        return paired_ratio(times[baseline], times[name]) if baseline in times else None
+
     rows = []
+    ddp = variants.get("ddp_grouped_mm")
+    ddp_bytes = _expert_bytes(ddp[1], ddp[2]) if ddp is not None else None
     for name, (_, model, optimizer) in variants.items():
-        seconds = torch.tensor([statistics.median(times[name])], dtype=torch.float64)
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        expert_bytes = _expert_bytes(model, optimizer)
         rows.append(
             {
                 "variant": name,
                 "world_size": W,
-                "step_ms": 1e3 * float(seconds),
-                "expert_MiB_per_rank": _expert_bytes(model, optimizer) / 2**20,
+                "step_ms": 1e3 * statistics.median(times[name]),
+                "expert_MiB_per_rank": expert_bytes / 2**20,
+                # paired per-round ratios: > 1 is faster than the baseline
+                "speedup_vs_ddp": speedup("ddp_grouped_mm", name),
+                "speedup_vs_hf_ep": speedup("hf_ep_all_to_all", name),
+                "memory_ratio": None if ddp_bytes is None else expert_bytes / ddp_bytes,
                 **rates,
             }
         )
-    rows[1]["speedup"] = paired_ratio(times["ddp_grouped_mm"], times["flexmoe_sharded"])
-    rows[1]["memory_ratio"] = rows[1]["expert_MiB_per_rank"] / rows[0]["expert_MiB_per_rank"]
     return rows
 
 
@@ -298,7 +365,11 @@ def _layer_options(parser: ArgumentParser, plan: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = ArgumentParser(prog="flexmoe bench hf", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a tiny model (smoke test)")
-    parser.add_argument("--dist", action="store_true", help="under torchrun: shard_experts vs DDP")
+    parser.add_argument(
+        "--dist",
+        action="store_true",
+        help="under torchrun: shard_experts vs DDP vs transformers' own EP, with its exchange or flexmoe's",
+    )
     parser.add_argument("--batch", type=positive_int, default=4, help="sequences per step")
     parser.add_argument("--seq", type=positive_int, default=128, help="tokens per sequence")
     parser.add_argument("--dtypes", default="fp32,bf16")
@@ -308,7 +379,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--plan",
         default="adaptive",
-        help="--dist: 'adaptive' (the tuner, exploring during the first steps) or r,d (e.g. 1,1; flat)",
+        help="--dist, flexmoe's variants: 'adaptive' (the tuner, exploring during the first steps) or r,d "
+        "(e.g. 1,1; flat)",
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(DIST_VARIANTS),
+        help=f"--dist: comma-separated subset of {', '.join(DIST_VARIANTS)} (each keeps a model alive)",
     )
     parser.add_argument("--out", default=None)
     add_cpu_allocator_argument(parser)
@@ -317,6 +394,12 @@ def main(argv: list[str] | None = None) -> dict:
         if name not in DTYPES:
             parser.error(
                 f"argument --dtypes: must be a comma-separated subset of {tuple(DTYPES)}, got {name!r}"
+            )
+    variants = tuple(args.variants.split(","))
+    for name in variants:
+        if name not in DIST_VARIANTS:
+            parser.error(
+                f"argument --variants: must be a comma-separated subset of {DIST_VARIANTS}, got {name!r}"
             )
     layer_options = _layer_options(parser, args.plan)  # checked before any process group starts
     allocator = apply_cpu_allocator(args.cpu_allocator)
@@ -331,8 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        rows = two_process(config, layer_options=layer_options, **timing)
-        columns = ("variant", "world_size", "step_ms", "expert_MiB_per_rank", "speedup", "memory_ratio")
+        rows = two_process(config, layer_options=layer_options, variants=variants, **timing)
+        columns = ("variant", "world_size", "step_ms", "expert_MiB_per_rank", "speedup_vs_ddp")
+        columns += ("speedup_vs_hf_ep", "memory_ratio")
         columns += ("fp32_gflops", "bf16_gflops")
         if dist.get_rank() != 0:
             dist.destroy_process_group()
@@ -356,7 +440,13 @@ def main(argv: list[str] | None = None) -> dict:
         )
     print(format_table(rows, columns))
     env = environment(
-        benchmark="hf", model=config, cpu_allocator=allocator, dist=args.dist, plan=args.plan, **timing
+        benchmark="hf",
+        model=config,
+        cpu_allocator=allocator,
+        dist=args.dist,
+        plan=args.plan,
+        variants=variants if args.dist else None,
+        **timing,
     )
     payload = {"environment": env, "results": rows}
     out = args.out or f"bench_results/hf{'_dist' if args.dist else ''}.json"

@@ -1,14 +1,13 @@
 """The "flexmoe" experts backend for transformers' ExpertsInterface.
 
-Legend: T tokens, k choices per token, E experts, M model dim, I expert hidden dim, X fc1 width
-(2I gated, I otherwise).
+Legend: T tokens, k choices per token, N kept assignments (grouped by expert), E experts (this
+rank's, under transformers' expert parallelism).
 
-A transformers experts module (decorated with `use_experts_implementation`) holds
-`gate_up_proj [E, 2I, M]` (gate rows first) or, without a gate, `up_proj [E, I, M]`, and
-`down_proj [E, M, I]`; with `is_transposed` the last two dims are swapped ([E, M, 2I], [E, I, M]);
-optional biases `gate_up_proj_bias [E, 2I]` / `up_proj_bias`, `down_proj_bias [E, M]`. flexmoe's
-grouped FFN wants fc1 [E, M, X] (gate half first) and fc2 [E, I, M]: both are transposed VIEWS of
-the module's parameters, so nothing is copied and the gradients land on the module's parameters.
+Experts whose math flexmoe's fused FFN computes (SwiGLU with the gate half first, or SiLU / ReLU /
+erf GELU without a gate; optional biases) run through it on views of the module's own parameters
+(module_weights). The others (a custom `_apply_gate` such as GPT-OSS's clamped, interleaved SwiGLU,
+another activation, a post-expert norm) take the generic path (generic_experts): the same grouped
+GEMMs, the module's own element-wise code through autograd.
 """
 
 from __future__ import annotations
@@ -19,8 +18,9 @@ from transformers import activations as hf_activations
 from transformers.integrations import moe as hf_moe
 
 from flexmoe.core.routing import routing_from_topk
-from flexmoe.ops.expert_ffn import ExpertWeights
-from flexmoe.parallel.strategies import run_packed
+from flexmoe.integrations.transformers.generic_experts import generic_experts_forward
+from flexmoe.integrations.transformers.module_weights import fc_weights
+from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
 
 BACKEND_NAME = "flexmoe"
 
@@ -41,57 +41,62 @@ def _activation_kind(act_fn: object) -> str | None:
     return None
 
 
-def is_transposed(module: nn.Module) -> bool:
-    # transformers 5.23 names it is_transposed; earlier 5.x releases experts_are_transposed
-    return bool(getattr(module, "is_transposed", getattr(module, "experts_are_transposed", False)))
-
-
-def check_supported(module: nn.Module) -> str:
-    """flexmoe's activation for this experts module, or a ValueError saying what it cannot run."""
+def unfused_reason(module: nn.Module) -> str | None:
+    """Why flexmoe's fused FFN cannot run this experts module's math exactly; None when it can."""
     name = type(module).__name__
+    act_name = type(getattr(module, "act_fn", None)).__name__
     if getattr(module, "has_post_expert_norm", False):
-        raise ValueError(f"{name}: experts with a post-expert norm are not supported by the flexmoe backend")
-    if getattr(module, "_is_expert_parallel", False):
-        raise ValueError(
-            f"{name}: transformers' own expert parallelism is active; use flexmoe's shard_experts(model) "
-            "instead of transformers' expert-parallel plan with the flexmoe backend"
-        )
+        return f"{name} applies a norm after each expert"
     act = _activation_kind(getattr(module, "act_fn", None))
     if not getattr(module, "has_gate", True):
         if act is None:
-            raise ValueError(
-                f"{name}: activation {type(getattr(module, 'act_fn', None)).__name__} has no exact flexmoe "
-                "equivalent (supported: SiLU, ReLU, erf GELU)"
+            return (
+                f"{name}: activation {act_name} has no exact flexmoe equivalent (supported: SiLU, ReLU, "
+                "erf GELU)"
             )
-        return act
+        return None
     custom_gate = getattr(type(module), "_apply_gate", None)
     if _DEFAULT_APPLY_GATE is None or custom_gate is not _DEFAULT_APPLY_GATE:
-        raise ValueError(
-            f"{name} defines its own _apply_gate (e.g. GPT-OSS's clamped, interleaved SwiGLU); the flexmoe "
-            "backend runs only the default gating act_fn(gate) * up with SiLU; use another "
-            "experts_implementation for this model"
-        )
+        return f"{name} defines its own _apply_gate (e.g. GPT-OSS's clamped, interleaved SwiGLU)"
+    if not getattr(module, "is_concatenated", True):
+        return f"{name} interleaves its gate and up columns"
     if act != "silu":
+        return f"{name}: gated experts with activation {act_name} (flexmoe's fused FFN runs SwiGLU: SiLU)"
+    return None
+
+
+def check_supported(module: nn.Module) -> str:
+    """flexmoe's fused activation for this experts module, or a ValueError saying why there is none
+    (what flexmoe's sharded layer and its plans need; the backend itself runs every module)."""
+    reason = unfused_reason(module)
+    if reason is not None:
         raise ValueError(
-            f"{name}: gated experts with activation {type(getattr(module, 'act_fn', None)).__name__} are not "
-            "supported; the flexmoe backend runs SwiGLU (act_fn SiLU) gated experts"
+            f"{reason}: flexmoe's sharded experts run only what its fused FFN computes (SwiGLU, or "
+            "SiLU/ReLU/erf GELU without a gate); experts_implementation='flexmoe' runs this module "
+            "unsharded, or under transformers' own ep_implementation='all_to_all'"
         )
-    return "swiglu"
+    return "swiglu" if getattr(module, "has_gate", True) else _activation_kind(module.act_fn)
 
 
 def expert_weights(module: nn.Module) -> ExpertWeights:
     """The module's expert parameters as flexmoe's fc1 [E, M, X], fc2 [E, I, M] (views, no copies)."""
-    activation = check_supported(module)
-    gated = getattr(module, "has_gate", True)
-    up = module.gate_up_proj if gated else module.up_proj
-    transposed = is_transposed(module)
-    w1 = up if transposed else up.transpose(1, 2)
-    w2 = module.down_proj if transposed else module.down_proj.transpose(1, 2)
-    b1 = b2 = None
-    if getattr(module, "has_bias", False):
-        b1 = module.gate_up_proj_bias if gated else module.up_proj_bias
-        b2 = module.down_proj_bias
-    return ExpertWeights(w1, b1, w2, b2, activation)
+    return ExpertWeights(*fc_weights(module), check_supported(module))
+
+
+def local_routing(module: nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """(token_N, weight_N, sizes) of the assignments to this module's E experts, grouped by expert.
+
+    Under transformers' expert parallelism an id >= E marks a choice of another rank's expert (its
+    "all_reduce" EP sends them with weight 0): those are routed to one extra expert, whose rows come
+    last in expert order and are dropped, so they cost no GEMM."""
+    E = module.num_experts
+    extra = int(bool(getattr(module, "_is_expert_parallel", False)))
+    if extra:
+        top_k_index = top_k_index.clamp(max=E)
+    routing = routing_from_topk(top_k_index, top_k_weights, E + extra)
+    sizes = tuple(routing.kept_counts[:E])
+    N = sum(sizes)
+    return routing.token_N[:N], routing.weight_N[:N], sizes
 
 
 def flexmoe_experts_forward(
@@ -101,10 +106,11 @@ def flexmoe_experts_forward(
     layer = getattr(self, "flexmoe_layer", None)
     if layer is not None:  # shard_experts moved the experts into a flexmoe MoELayer
         return layer(hidden_states, top_k_index=top_k_index, top_k_weights=top_k_weights)
+    token_N, weight_N, sizes = local_routing(self, top_k_index, top_k_weights)
+    if unfused_reason(self) is not None:
+        return generic_experts_forward(self, hidden_states, token_N, weight_N, sizes)
     w = expert_weights(self)
-    num_experts = w.w1_GMX.shape[0]
-    routing = routing_from_topk(top_k_index, top_k_weights, num_experts)
-    y_TM = run_packed(hidden_states.to(w.w1_GMX.dtype), routing, w, is_postscore=True)
+    y_TM = packed_moe(hidden_states.to(w.w1_GMX.dtype), token_N, weight_N, w, sizes, is_postscore=True)
     return y_TM.to(hidden_states.dtype)
 
 
@@ -113,4 +119,12 @@ def register() -> None:
     hf_moe.ExpertsInterface.register(BACKEND_NAME, flexmoe_experts_forward)
 
 
-__all__ = ["BACKEND_NAME", "check_supported", "expert_weights", "flexmoe_experts_forward", "register"]
+__all__ = [
+    "BACKEND_NAME",
+    "check_supported",
+    "expert_weights",
+    "flexmoe_experts_forward",
+    "local_routing",
+    "register",
+    "unfused_reason",
+]

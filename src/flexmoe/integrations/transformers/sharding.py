@@ -17,12 +17,8 @@ import torch
 from torch import nn
 
 from flexmoe.core.layout import ExpertLayout
-from flexmoe.integrations.transformers.backend import (
-    BACKEND_NAME,
-    check_supported,
-    expert_weights,
-    is_transposed,
-)
+from flexmoe.integrations.transformers.backend import BACKEND_NAME, check_supported, expert_weights
+from flexmoe.integrations.transformers.module_weights import is_transposed
 from flexmoe.layer import MoELayer
 from flexmoe.parallel.comm import all_gather_shards
 
@@ -67,6 +63,12 @@ def shard_experts(model: nn.Module, *, group=None, **layer_options) -> nn.Module
     for name, module in modules.items():
         if getattr(module, "flexmoe_layer", None) is not None:
             raise ValueError(f"{name}: experts are sharded already (call unshard_experts first)")
+        if getattr(module, "_is_expert_parallel", False):
+            raise ValueError(
+                f"{name}: transformers' expert parallelism holds these experts already; use "
+                "DistributedConfig(ep_implementation='flexmoe') instead of shard_experts, or load "
+                "without ep_size"
+            )
         activation = check_supported(module)
         w = expert_weights(module)
         E, M, _ = w.w1_GMX.shape

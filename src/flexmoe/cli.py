@@ -31,7 +31,7 @@ BENCHMARKS = {
     "dist": ("flexmoe.bench.dist", "under torchrun: the adaptive model against every static plan"),
     "swin": ("flexmoe.bench.swin", "SwinV2-MoE training and inference throughput against the einsum layer"),
     "compile": ("flexmoe.bench.compile", "a block with a MoELayer, eager against torch.compile (fp32, bf16)"),
-    "hf": ("flexmoe.bench.hf", "the transformers experts backends; --dist under torchrun: sharded vs DDP"),
+    "hf": ("flexmoe.bench.hf", "transformers experts backends; --dist: native EP, flexmoe EP, shard_experts"),
 }
 
 

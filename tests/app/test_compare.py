@@ -1,6 +1,6 @@
 """`flexmoe compare`: the shared report (parameter counts, seed statistics, table), the swin task
 end to end with tiny settings, and bad options as one-line errors. Everything runs in this process
-through `flexmoe.cli.execute` (--jobs 1); the lm task is in tests/lm/test_compare.py."""
+through `flexmoe.cli.execute` (--jobs 1); the lm task is in tests/lm/test_lm_compare.py."""
 
 from __future__ import annotations
 

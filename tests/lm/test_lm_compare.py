@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 from flexmoe import cli  # noqa: E402
 from flexmoe.app.compare import parameter_counts  # noqa: E402
+from flexmoe.lm.compare import LM_DEFAULTS  # noqa: E402
 from flexmoe.lm.train import LMConfig, build_model  # noqa: E402
 
 TINY = [
@@ -34,6 +35,17 @@ def test_the_dense_twin_has_the_moe_s_active_parameters(experts, top_k):
     assert abs(moe["active_params"] / dense["active_params"] - 1) < 0.05  # the routers only
 
 
+def test_the_default_moe_holds_far_more_parameters_than_its_twin_at_equal_active_ones():
+    """What `compare lm` tests by default: the experts, not the active parameters, differ."""
+    from flexmoe.integrations.transformers import shard_experts
+
+    config = LMConfig(**LM_DEFAULTS)
+    moe = parameter_counts(shard_experts(build_model(config)))
+    dense = parameter_counts(build_model(config, dense=True))
+    assert abs(moe["active_params"] / dense["active_params"] - 1) < 0.05
+    assert moe["total_params"] > 5 * dense["total_params"]
+
+
 def _check_report(out, result: dict, seeds: int) -> None:
     saved = json.loads((out / "compare.json").read_text())
     assert saved["task"] == "lm" and saved["metric"] == "val_loss" and saved["lower_is_better"]
@@ -49,7 +61,7 @@ def _check_report(out, result: dict, seeds: int) -> None:
     assert saved["comparison"]["active_params_within_5_percent"]
     assert saved["settings"]["dense_intermediate_size"] == 2 * 16
     assert saved["settings"]["lm"]["steps"] == 6 and "seed" not in saved["settings"]["lm"]
-    assert (out / "compare.png").is_file()
+    assert (out / "compare.png").is_file() and len(saved["load_average"]) == 3
     assert result["comparison"] == saved["comparison"]
 
 
@@ -59,7 +71,7 @@ def test_compare_lm_writes_the_report_and_a_table(tmp_path, capsys):
     result = cli.execute(["compare", "lm", *TINY, "--seeds", "2", "--jobs", "1", "--out", str(out)])
     _check_report(out, result, seeds=2)
     printed = capsys.readouterr().out
-    assert "val_loss at equal time" in printed and "pooled seed std" in printed
+    assert "val_loss at equal time" in printed and "pooled seed std" in printed and "load average" in printed
     # the same seed trains the same model on the same batches: the runs repeat exactly
     again = cli.execute(["compare", "lm", *TINY, "--seeds", "1", "--jobs", "1", "--out", str(tmp_path / "a")])
     assert again["moe"]["val_loss"] == result["moe"]["val_loss"][:1]
@@ -83,7 +95,7 @@ def test_compare_lm_in_two_processes_gives_the_same_losses(tmp_path):
         (["--seeds", "0"], "--seeds"),
         (["--jobs", "0"], "--jobs"),
         (["--steps", "0"], "--steps"),
-        (["--top-k", "9"], "--top-k"),
+        (["--experts", "4", "--top-k", "5"], "--top-k"),
         (["--heads", "3"], "--heads"),
         (["--seed", "1"], "--seed"),  # the seeds are 0..N-1
     ],

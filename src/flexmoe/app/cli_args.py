@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -122,3 +123,15 @@ def apply_cpu_allocator(choice: str) -> str:
     from flexmoe.cpu_memory import retain_freed_memory
 
     return "retain" if choice == "retain" and retain_freed_memory() else "default"
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set FIELD=JSON` items as {field: value}; a value that is not JSON stays the string given."""
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides

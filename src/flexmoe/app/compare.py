@@ -214,6 +214,8 @@ def summarize(
     result["settings"] = settings
     result["seconds"] = seconds
     result["environment"] = environment()
+    # other processes on the machine slow both models' steps: the 1, 5 and 15 minute load at the end
+    result["load_average"] = list(os.getloadavg())
     out.mkdir(parents=True, exist_ok=True)
     result["plot"] = plot(out / "compare.png", result)
     write_json(out / "compare.json", result)
@@ -251,6 +253,13 @@ def table(result: dict) -> str:
         f"active params: MoE / dense = {c['active_params_ratio']:.4f}; equal time = the faster model's "
         f"training time per seed ({', '.join(f'{t:.0f}' for t in c['equal_time_s'])} s)"
     )
+    if "matmul_gflops" in result:
+        fp32, bf16 = result["matmul_gflops"]["fp32_gflops"], result["matmul_gflops"]["bf16_gflops"]
+        lines.append(f"matmul: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")
+    if "load_average" in result:
+        load = ", ".join(f"{v:.1f}" for v in result["load_average"])
+        cores = result["environment"].get("cpu_count")
+        lines.append(f"load average at the end (1, 5, 15 min): {load} on {cores} cores")
     return "\n".join(lines)
 
 

@@ -496,13 +496,7 @@ def build_parser(prog: str = "flexmoe train", description: str | None = __doc__)
 
 def config_from_args(parser: cli_args.ArgumentParser, args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of parsed options (options the parser has beyond TrainConfig's are ignored)."""
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = cli_args.parse_overrides(args.set)
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     if args.limit is not None and args.limit < 2:

@@ -94,6 +94,25 @@ def test_fsdp_training_matches_ddp(tmp_path):
     assert parse_args(["--fsdp"]).fsdp and not parse_args([]).fsdp
 
 
+def lm_hf_ep_worker(out_dir: str) -> dict:
+    return train(LMConfig(out_dir=out_dir, hf_ep=True, **TINY))
+
+
+@pytest.mark.timeout(240)
+def test_training_through_transformers_distributed_config(tmp_path):
+    """--hf-ep: transformers' EP + FSDP2, the tokens exchanged by flexmoe's EP implementation."""
+    with DistributedPool(2, collective_timeout_s=60.0, timeout_s=200.0) as pool:
+        first, second = pool.run(lm_hf_ep_worker, str(tmp_path))
+    assert first["final_held_out_loss"] == second["final_held_out_loss"]
+    losses = [h["loss"] for h in first["steps"]]
+    assert losses[-1] < losses[0]
+    assert len(first["tuner"]) == 2 and all(t["last_plan"] is not None for t in first["tuner"])
+    with pytest.raises(ValueError, match="exclusive"):
+        LMConfig(fsdp=True, hf_ep=True)
+    with pytest.raises(ValueError, match="torch.distributed"):
+        train(LMConfig(out_dir=str(tmp_path / "one"), hf_ep=True, **TINY))
+
+
 def test_launcher_rejects_a_bad_process_count(capsys):
     from flexmoe.lm import main as launch
 

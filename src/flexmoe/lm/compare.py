@@ -40,7 +40,7 @@ LM_DEFAULTS = dict(
     eval_every=100,
     eval_windows=1024,
 )
-LM_SKIPPED = ("seed", "out_dir", "progress")  # per run, --out, always to the run's log
+LM_SKIPPED = ("seed", "out_dir", "progress", "fsdp", "hf_ep")  # per run, --out, to the log, one process
 METRICS = (Metric(name="val_loss", lower_is_better=True),)
 
 

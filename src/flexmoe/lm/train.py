@@ -53,6 +53,11 @@ class LMConfig:
     # a bool is a flag that turns its default over; its help names the flag
     progress: bool = _option(True, "--no-progress: print only the evaluations, no progress bar or lines")
     fsdp: bool = _option(False, "--fsdp: FSDP2 for the dense parameters instead of DDP (experts are sharded)")
+    hf_ep: bool = _option(
+        False,
+        '--hf-ep: transformers\' DistributedConfig (its EP over every rank, FSDP2) with the "flexmoe" EP '
+        "implementation, instead of shard_experts and DDP (or --fsdp)",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -70,6 +75,8 @@ class LMConfig:
             raise ValueError(f"top_k={self.top_k} must not exceed experts={self.experts}")
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by heads={self.heads}")
+        if self.fsdp and self.hf_ep:
+            raise ValueError("fsdp and hf_ep are exclusive: hf_ep applies transformers' own FSDP2")
         if self.max_bytes is not None and self.max_bytes <= self.seq_len:
             raise ValueError(f"max_bytes must exceed seq_len={self.seq_len}, got {self.max_bytes}")
 
@@ -200,9 +207,13 @@ def train(config: LMConfig) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     corpus = ByteCorpus.from_stdlib(max_bytes=config.max_bytes)
-    model = shard_experts(build_model(config))
-    layers = [m.flexmoe_layer for m in moe_experts_modules(model).values()]
-    run = fit(fully_shard_model(model) if config.fsdp else wrap_data_parallel(model), corpus, config)
+    if config.hf_ep:
+        model, layers = _distributed_config_model(config)
+    else:
+        model = shard_experts(build_model(config))
+        layers = [m.flexmoe_layer for m in moe_experts_modules(model).values()]
+        model = fully_shard_model(model) if config.fsdp else wrap_data_parallel(model)
+    run = fit(model, corpus, config)
     metrics = {
         "final_held_out_loss": run["evals"][-1]["held_out_loss"],
         "unigram_loss": corpus.unigram_loss(),
@@ -217,6 +228,27 @@ def train(config: LMConfig) -> dict:
     if rank == 0:
         _write(Path(config.out_dir), metrics)
     return metrics
+
+
+def _distributed_config_model(config: LMConfig):
+    """The model as transformers' DistributedConfig shards it (EP over every rank, FSDP2 on the rest),
+    its MoE blocks exchanging tokens through the "flexmoe" EP implementation; and their MoELayers.
+    transformers shards what it loads, so the first rank saves the seeded weights for it to load."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from flexmoe.integrations.transformers import EP_NAME, ep_layers
+
+    if not dist.is_initialized():
+        raise ValueError("hf_ep trains under torch.distributed: run it with --nproc 2 or more")
+    world = dist.get_world_size()
+    init = Path(config.out_dir) / "init"
+    if dist.get_rank() == 0:
+        build_model(config).save_pretrained(init)
+    dist.barrier()
+    distributed = DistributedConfig(ep_size=world, fsdp_size=world, ep_implementation=EP_NAME)
+    model = AutoModelForCausalLM.from_pretrained(init, distributed_config=distributed)
+    return model, list(ep_layers(model).values())
 
 
 def _write(out: Path, metrics: dict) -> None:

@@ -199,3 +199,39 @@ def test_bench_hf_dist_compares_the_distributed_variants(pool):
     for row in rows:
         assert row["step_ms"] > 0 and row["speedup_vs_hf_ep"] > 0 and row["world_size"] == W
         assert row["memory_ratio"] == (1.0 if row["variant"] == "ddp_grouped_mm" else 0.5)
+
+
+def save_worker(path: str, out: str) -> torch.Tensor:
+    """A step under the "flexmoe" EP, then save_pretrained; returns the logits of a probe."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    import flexmoe.integrations.transformers  # noqa: F401  (registers "flexmoe")
+
+    config = DistributedConfig(ep_size=W, fsdp_size=W, ep_implementation="flexmoe")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, distributed_config=config, dtype=torch.float64, experts_implementation="eager"
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    ids = _batch(dist.get_rank(), 0)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        logits = model(_batch(0, 1)).logits
+    model.save_pretrained(out)  # transformers gathers its shards (the experts among them)
+    return logits
+
+
+@pytest.mark.timeout(300)
+def test_a_model_trained_under_the_flexmoe_ep_saves_for_plain_transformers(pool, saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    logits = pool.run(save_worker, saved["qwen3_moe"], str(tmp_path / "trained"))
+    eager = dict(dtype=torch.float64, experts_implementation="eager")  # grouped_mm has no float64
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "trained", **eager)
+    before = AutoModelForCausalLM.from_pretrained(saved["qwen3_moe"], **eager)
+    with torch.no_grad():
+        got, untrained = plain(_batch(0, 1)).logits, before(_batch(0, 1)).logits
+    for rank_logits in logits:
+        torch.testing.assert_close(got, rank_logits, rtol=0, atol=1e-10)
+    assert not torch.allclose(got, untrained)  # the step changed the weights that were saved

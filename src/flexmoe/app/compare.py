@@ -9,16 +9,19 @@ and flexmoe.app.compare_swin (`swin`); this module holds what both report and ho
   so both models' step times are measured under the same load; each run's output goes to a log file.
 - `summarize`: per model the metric per seed, mean and sample std; the gap between the models in
   their pooled seed-to-seed std; quality at equal training time as well as at equal steps; writes
-  compare.json and compare.png (curves, mean and a +-1 std band over the seeds).
+  compare.json and compare.png (curves, mean and a +-1 std band over the seeds). `report` also
+  prints the table.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import multiprocessing
 import os
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flexmoe.app.cli_args import positive_int
 from flexmoe.app.reporting import environment, format_table
 from flexmoe.core.experts import is_expert_param
 from flexmoe.json_file import write_json
@@ -65,8 +69,17 @@ class Run:
     run_dir: str
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 def run_all(
-    train: Callable[[str, int, str], dict], *, seeds: int, jobs: int, out: Path, log: Callable[[str], None]
+    train: Callable[[str, int, str], dict],
+    *,
+    seeds: int,
+    jobs: int,
+    out: Path,
+    log: Callable[[str], None] = _print,
 ) -> dict[str, list[dict]]:
     """Every (model, seed) run, in `jobs` processes (1: here); {"moe": [records], "dense": [...]}.
 
@@ -92,6 +105,20 @@ def run_all(
             pool.shutdown(cancel_futures=True)  # one failed run: start no other
             raise
     return records
+
+
+def add_compare_options(parser: argparse.ArgumentParser, *, seeds: int, jobs: int, out: str) -> None:
+    """--seeds, --jobs and --out, with these defaults (every `flexmoe compare` task has them)."""
+    parser.add_argument("--seeds", type=positive_int, default=seeds, help=f"seeds 0..N-1 (default: {seeds})")
+    parser.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=jobs,
+        help=f"processes training at once, sharing the cores; 1: in this process (default: {jobs})",
+    )
+    parser.add_argument(
+        "--out", default=out, help=f"where compare.json, compare.png and runs/ go (default: {out})"
+    )
 
 
 def _share_cores(threads: int) -> None:
@@ -222,6 +249,25 @@ def summarize(
     return result
 
 
+def report(
+    task: str,
+    records: dict[str, list[dict]],
+    metrics: Sequence[Metric],
+    *,
+    settings: dict,
+    out: Path,
+    started: float,
+    extra: dict | None = None,
+) -> dict:
+    """summarize (`started`: the comparison's time.perf_counter() at its start), print the table and
+    where compare.json went; returns compare.json's content."""
+    seconds = time.perf_counter() - started
+    result = summarize(task, records, metrics, settings=settings, out=out, seconds=seconds, extra=extra)
+    _print(table(result))
+    _print(f"wrote {out / 'compare.json'} in {result['seconds']:.0f} s")
+    return result
+
+
 # ------------------------------------------------------------------------------------ table and plot
 
 
@@ -253,6 +299,8 @@ def table(result: dict) -> str:
         f"active params: MoE / dense = {c['active_params_ratio']:.4f}; equal time = the faster model's "
         f"training time per seed ({', '.join(f'{t:.0f}' for t in c['equal_time_s'])} s)"
     )
+    if "probe_accuracy_raw_pixels" in result:
+        lines.append(f"probe on the raw pixels: {result['probe_accuracy_raw_pixels']:.4f}")
     if "matmul_gflops" in result:
         fp32, bf16 = result["matmul_gflops"]["fp32_gflops"], result["matmul_gflops"]["bf16_gflops"]
         lines.append(f"matmul: fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from flexmoe.app import cli_args
-from flexmoe.app.compare import Metric, parameter_counts, run_all, summarize, table
+from flexmoe.app.compare import Metric, add_compare_options, parameter_counts, report, run_all
 from flexmoe.app.data import load_digits, load_split, split_indices
 from flexmoe.app.inference import load_trained_model
 from flexmoe.app.train import TrainConfig, train
@@ -197,13 +197,7 @@ def _train_stats(limit: int | None, seed: int) -> tuple[tuple[float, ...], tuple
 def compare_swin(config: SwinCompareConfig) -> dict:
     started = time.perf_counter()
     out = Path(config.out)
-    records = run_all(
-        functools.partial(train_swin, config),
-        seeds=config.seeds,
-        jobs=config.jobs,
-        out=out,
-        log=lambda line: print(line, flush=True),
-    )
+    records = run_all(functools.partial(train_swin, config), seeds=config.seeds, jobs=config.jobs, out=out)
     images, labels = probe_images(*_normalisation(config, 0), limit=config.probe_limit)
     pixels = probe_accuracy(images, labels, shots=config.probe_shots, draws=config.probe_draws)
     settings = {
@@ -213,19 +207,8 @@ def compare_swin(config: SwinCompareConfig) -> dict:
         "probe": f"scikit-learn digits ({len(labels)}), {config.probe_shots} shots per class, "
         f"{config.probe_draws} draws, logistic regression on standardised features",
     }
-    result = summarize(
-        "swin",
-        records,
-        METRICS,
-        settings=settings,
-        out=out,
-        seconds=time.perf_counter() - started,
-        extra={"probe_accuracy_raw_pixels": pixels},
-    )
-    print(table(result), flush=True)
-    print(f"5-shot probe on raw pixels: {pixels:.4f}", flush=True)
-    print(f"wrote {out / 'compare.json'} in {result['seconds']:.0f} s", flush=True)
-    return result
+    extra = {"probe_accuracy_raw_pixels": pixels}
+    return report("swin", records, METRICS, settings=settings, out=out, started=started, extra=extra)
 
 
 # ----------------------------------------------------------------------------------- command line
@@ -240,16 +223,7 @@ def build_parser() -> cli_args.ArgumentParser:
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--seeds", type=a.positive_int, default=d.seeds, help=f"seeds 0..N-1 (default: {d.seeds})")
-    p.add_argument(
-        "--jobs",
-        type=a.positive_int,
-        default=d.jobs,
-        help=f"processes training at once, sharing the cores; 1: in this process (default: {d.jobs})",
-    )
-    p.add_argument(
-        "--out", default=d.out, help=f"where compare.json, compare.png and runs/ go (default: {d.out})"
-    )
+    add_compare_options(p, seeds=d.seeds, jobs=d.jobs, out=d.out)
     p.add_argument("--epochs", type=a.positive_int, default=d.epochs, help=f"(default: {d.epochs})")
     p.add_argument(
         "--batch-size", type=a.positive_int, default=d.batch_size, help=f"(default: {d.batch_size})"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flexmoe.app import cli_args
-from flexmoe.app.compare import Metric, parameter_counts, run_all, summarize, table
+from flexmoe.app.compare import Metric, add_compare_options, parameter_counts, report, run_all
 from flexmoe.bench.common import matmul_rates
 from flexmoe.lm.data import ByteCorpus
 from flexmoe.lm.train import LMConfig, add_config_options, build_model, config_from_args, dense_width, fit
@@ -88,13 +88,7 @@ def train_lm(config: LMConfig, model: str, seed: int, run_dir: str) -> dict:
 def compare_lm(config: LMConfig, compare: CompareConfig) -> dict:
     started = time.perf_counter()
     out = Path(compare.out)
-    records = run_all(
-        functools.partial(train_lm, config),
-        seeds=compare.seeds,
-        jobs=compare.jobs,
-        out=out,
-        log=lambda line: print(line, flush=True),
-    )
+    records = run_all(functools.partial(train_lm, config), seeds=compare.seeds, jobs=compare.jobs, out=out)
     settings = {
         **dataclasses.asdict(compare),
         "lm": {k: v for k, v in dataclasses.asdict(config).items() if k not in LM_SKIPPED},
@@ -108,34 +102,7 @@ def compare_lm(config: LMConfig, compare: CompareConfig) -> dict:
         # beside the step times: the machines this runs on differ by 1000x in bf16
         "matmul_gflops": matmul_rates(),
     }
-    result = summarize(
-        "lm",
-        records,
-        METRICS,
-        settings=settings,
-        out=out,
-        seconds=time.perf_counter() - started,
-        extra=extra,
-    )
-    print(table(result), flush=True)
-    print(f"wrote {out / 'compare.json'} in {result['seconds']:.0f} s", flush=True)
-    return result
-
-
-def add_compare_options(parser: cli_args.ArgumentParser, *, out: str) -> None:
-    d = CompareConfig()
-    parser.add_argument(
-        "--seeds", type=cli_args.positive_int, default=d.seeds, help=f"seeds 0..N-1 (default: {d.seeds})"
-    )
-    parser.add_argument(
-        "--jobs",
-        type=cli_args.positive_int,
-        default=d.jobs,
-        help=f"processes training at once, sharing the cores; 1: in this process (default: {d.jobs})",
-    )
-    parser.add_argument(
-        "--out", default=out, help=f"where compare.json, compare.png and runs/ go (default: {out})"
-    )
+    return report("lm", records, METRICS, settings=settings, out=out, started=started, extra=extra)
 
 
 def compare_config(args: argparse.Namespace) -> CompareConfig:
@@ -147,7 +114,8 @@ def lm_main(argv: list[str]) -> dict:
         prog="flexmoe compare lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.allow_abbrev = False  # "--seed 1" (an option of `flexmoe lm`) must not read as --seeds 1
-    add_compare_options(parser, out="runs/compare/lm")
+    d = CompareConfig()
+    add_compare_options(parser, seeds=d.seeds, jobs=d.jobs, out=d.out)
     add_config_options(parser, skip=LM_SKIPPED, defaults=LM_DEFAULTS)
     args = parser.parse_args(argv)
     return compare_lm(config_from_args(parser, args), compare_config(args))

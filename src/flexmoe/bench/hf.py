@@ -248,17 +248,11 @@ DIST_VARIANTS = ("ddp_grouped_mm", "flexmoe_sharded", "hf_ep_all_to_all", "hf_ep
 
 
 def _hf_ep_model(folder: str, ep_implementation: str):
-    """The model loaded under DistributedConfig(ep_size=W, fsdp_size=W): transformers shards the
-    experts (whole experts per rank) and applies FSDP2 to the rest."""
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
+    """The model under transformers' own EP + FSDP2 (whole experts per rank)."""
+    from flexmoe.integrations.transformers import load_expert_parallel
 
-    W = dist.get_world_size()
-    distributed = DistributedConfig(ep_size=W, fsdp_size=W, ep_implementation=ep_implementation)
-    # placed by transformers on this rank's device
-    return AutoModelForCausalLM.from_pretrained(
-        folder, distributed_config=distributed, experts_implementation="grouped_mm", dtype=torch.float32
+    return load_expert_parallel(
+        folder, ep_implementation=ep_implementation, experts_implementation="grouped_mm", dtype=torch.float32
     )
 
 

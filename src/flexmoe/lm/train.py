@@ -234,20 +234,15 @@ def _distributed_config_model(config: LMConfig):
     """The model as transformers' DistributedConfig shards it (EP over every rank, FSDP2 on the rest),
     its MoE blocks exchanging tokens through the "flexmoe" EP implementation; and their MoELayers.
     transformers shards what it loads, so the first rank saves the seeded weights for it to load."""
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
-    from flexmoe.integrations.transformers import EP_NAME, ep_layers
+    from flexmoe.integrations.transformers import ep_layers, load_expert_parallel
 
     if not dist.is_initialized():
         raise ValueError("hf_ep trains under torch.distributed: run it with --nproc 2 or more")
-    world = dist.get_world_size()
     init = Path(config.out_dir) / "init"
     if dist.get_rank() == 0:
         build_model(config).save_pretrained(init)
     dist.barrier()
-    distributed = DistributedConfig(ep_size=world, fsdp_size=world, ep_implementation=EP_NAME)
-    model = AutoModelForCausalLM.from_pretrained(init, distributed_config=distributed)
+    model = load_expert_parallel(init)
     return model, list(ep_layers(model).values())
 
 

@@ -31,6 +31,7 @@ from flexmoe.integrations.transformers.ep_implementation import (
     FlexMoEEP,
     ep_implementation_class,
     ep_layers,
+    load_expert_parallel,
     register_ep_implementation,
 )
 from flexmoe.integrations.transformers.sharding import moe_experts_modules, shard_experts, unshard_experts
@@ -47,6 +48,7 @@ __all__ = [
     "ep_layers",
     "expert_weights",
     "flexmoe_experts_forward",
+    "load_expert_parallel",
     "moe_experts_modules",
     "register",
     "register_ep_implementation",

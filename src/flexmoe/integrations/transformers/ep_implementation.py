@@ -92,6 +92,19 @@ class FlexMoEEP(EPImplementation):
         return y_TM if y_TM._base is None else y_TM.clone()
 
 
+def load_expert_parallel(path, *, ep_implementation: str = EP_NAME, **kwargs) -> nn.Module:
+    """AutoModelForCausalLM.from_pretrained(path, **kwargs) under DistributedConfig(ep_size=W, fsdp_size=W,
+    ep_implementation): transformers shards the experts over every rank (whole experts per rank),
+    applies FSDP2 to the rest and places the model on this rank's device."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    W = dist.get_world_size()
+    distributed = DistributedConfig(ep_size=W, fsdp_size=W, ep_implementation=ep_implementation)
+    return AutoModelForCausalLM.from_pretrained(path, distributed_config=distributed, **kwargs)
+
+
 def ep_layers(model: nn.Module) -> dict[str, MoELayer]:
     """The flexmoe MoELayer of every experts module that runs under ep_implementation "flexmoe"
     (for their plans, tuner tables and last_plan)."""
@@ -120,4 +133,11 @@ def register_ep_implementation(name: str = EP_NAME, **layer_options) -> None:
     EPImplementationInterface.register(name, cls)
 
 
-__all__ = ["EP_NAME", "FlexMoEEP", "ep_implementation_class", "ep_layers", "register_ep_implementation"]
+__all__ = [
+    "EP_NAME",
+    "FlexMoEEP",
+    "ep_implementation_class",
+    "ep_layers",
+    "load_expert_parallel",
+    "register_ep_implementation",
+]

@@ -10,7 +10,7 @@ import torch
 
 from flexmoe.ops.expert_ffn import ExpertWeights, grouped_expert_ffn
 from flexmoe.parallel.comm import ExpertGroups
-from flexmoe.parallel.pipeline import FilledRows, pipelined_expert_exchange
+from flexmoe.parallel.pipeline import FilledRows, chunk_major_rows, pipelined_expert_exchange
 from flexmoe.testing.counting import record_multiplied_rows
 
 M, H = 6, 10
@@ -58,6 +58,23 @@ def test_nearly_equal_experts_are_padded_with_their_own_empty_rows():
     assert uneven.sizes == (6, 3, 5) and uneven.index.numel() == 14
 
 
+def _chunk_major(t: torch.Tensor, d: int, *, back: bool = False) -> torch.Tensor:
+    """[W, L, Cp, M] <-> the pipeline's chunk-major [d, W, L, c, M]."""
+    if back:
+        d, W, L, c, M = t.shape
+        return t.permute(1, 2, 0, 3, 4).reshape(W, L, d * c, M)
+    W, L, Cp, M = t.shape
+    return t.view(W, L, d, Cp // d, M).permute(2, 0, 1, 3, 4)
+
+
+def test_chunk_major_rows_place_every_slot_in_its_chunk():
+    W, L, Cp, d = 2, 3, 8, 4
+    slots_WLC = torch.arange(W * L * Cp).view(W, L, Cp)
+    rows = chunk_major_rows(slots_WLC.reshape(-1), blocks=W * L, block_rows=Cp, d=d)
+    placed = torch.empty(W * L * Cp, dtype=torch.long).index_copy_(0, rows, slots_WLC.reshape(-1))
+    assert torch.equal(placed.view(d, W, L, Cp // d), _chunk_major(slots_WLC.unsqueeze(-1), d).squeeze(-1))
+
+
 @pytest.mark.parametrize(
     "kept_list",
     [[5, 0, 8], [8, 7, 8]],  # ragged; nearly equal (padded to 8 rows each with one empty row)
@@ -72,9 +89,11 @@ def test_only_filled_rows_are_multiplied_and_results_match(d, kept_list, monkeyp
     send.requires_grad_()
     w = _weights(L)
     rows_multiplied = record_multiplied_rows(monkeypatch)
-    ret, _ = pipelined_expert_exchange(
-        send, filled_LC.unsqueeze(0), w, ExpertGroups(None), d=d, algorithm="flat"
+    filled_1Ld = filled_LC.view(1, L, d, Cp // d).sum(-1)
+    ret_dLcM, _ = pipelined_expert_exchange(
+        _chunk_major(send, d), filled_1Ld, w, ExpertGroups(None), algorithm="flat"
     )
+    ret = _chunk_major(ret_dLcM, d, back=True)
     assert len(rows_multiplied) == d
     # never more than 1/8 more rows than the filled ones; with d = 4 the last chunk's (2, 1, 2) rows
     # would need 20% padding, so nothing is padded there

@@ -79,8 +79,8 @@ def event_order_worker(d: int) -> dict:
     events: list[tuple] = []
     real_start = layer.groups.all_to_all_start
 
-    def start(x, algorithm):
-        handle, n = real_start(x, algorithm), sum(e[0] == "start" for e in events)
+    def start(x, algorithm, **kwargs):
+        handle, n = real_start(x, algorithm, **kwargs), sum(e[0] == "start" for e in events)
         events.append(("start", n))
         real_wait = handle.wait
 

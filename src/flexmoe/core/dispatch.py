@@ -90,15 +90,25 @@ class _PadRows(torch.autograd.Function):
         return grad_SM.index_select(0, slot_N), None, None
 
 
+def pad_rows(rows_NM: torch.Tensor, row_N: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[N, M] -> [num_rows, M]: row n at row_N[n], zeros elsewhere (any buffer layout)."""
+    return _PadRows.apply(rows_NM, row_N, num_rows)
+
+
+def unpad_rows(buffer_SM: torch.Tensor, row_N: torch.Tensor) -> torch.Tensor:
+    """[S, M] -> [N, M]: the rows at row_N."""
+    return buffer_SM.index_select(0, row_N)
+
+
 def pad(rows_NM: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """[N, M] (slot order) -> [E, Cb, M] with zero rows in the unused slots."""
     E, Cb, M = plan.num_experts, plan.buffer_capacity, rows_NM.shape[1]
-    return _PadRows.apply(rows_NM, plan.slot_N, E * Cb).view(E, Cb, M)
+    return pad_rows(rows_NM, plan.slot_N, E * Cb).view(E, Cb, M)
 
 
 def unpad(buffer_ECM: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """[E, Cb, M] -> [N, M]: the rows of the kept slots."""
-    return buffer_ECM.reshape(-1, buffer_ECM.shape[-1]).index_select(0, plan.slot_N)
+    return unpad_rows(buffer_ECM.reshape(-1, buffer_ECM.shape[-1]), plan.slot_N)
 
 
 def dispatch(x_TM: torch.Tensor, plan: RoutingPlan, *, is_postscore: bool = True) -> torch.Tensor:

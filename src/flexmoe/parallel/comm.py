@@ -389,20 +389,26 @@ class ExpertGroups:
                 f"(W={self.world_size}), got local_world_size={self.local_world_size}"
             )
 
-    def all_to_all_start(self, x: torch.Tensor, algorithm: str) -> AllToAllHandle:
-        """Start exchanging x_W... (block j to rank j); `handle.wait()` gives the received blocks."""
+    def all_to_all_start(
+        self, x: torch.Tensor, algorithm: str, *, out: torch.Tensor | None = None
+    ) -> AllToAllHandle:
+        """Start exchanging x_W... (block j to rank j); `handle.wait()` gives the received blocks, in
+        `out` when given (a contiguous tensor of x's shape: e.g. one chunk of a larger buffer, so that
+        the chunks need no concatenation)."""
         self._check_algorithm(algorithm)
         if x.dim() == 0 or x.shape[0] != self.world_size:
             raise ValueError(
                 f"all-to-all buffer must have W={self.world_size} as its first dimension, "
                 f"got shape {tuple(x.shape)}"
             )
+        if out is not None and (out.shape != x.shape or not out.is_contiguous()):
+            raise ValueError(f"out must be contiguous, of x's shape {tuple(x.shape)}; got {tuple(out.shape)}")
         if self.world_size == 1 or x.numel() == 0:
             # Nothing to move; every rank holds the same (agreed) shape, so all skip together.
-            return AllToAllHandle(lambda: x)
+            return AllToAllHandle(lambda: x if out is None else out.copy_(x))
         x = x.contiguous()
         if algorithm == "flat":
-            out = torch.empty_like(x)
+            out = torch.empty_like(x) if out is None else out
             work = dist.all_to_all_single(out, x, group=self.group, async_op=True)
 
             def finish_flat() -> torch.Tensor:
@@ -410,9 +416,9 @@ class ExpertGroups:
                 return out
 
             return AllToAllHandle(finish_flat, (x,))
-        return self._start_2dh(x)
+        return self._start_2dh(x, out)
 
-    def _start_2dh(self, x_W: torch.Tensor) -> AllToAllHandle:
+    def _start_2dh(self, x_W: torch.Tensor, out: torch.Tensor | None) -> AllToAllHandle:
         L = self.local_world_size
         assert L is not None
         N = self.world_size // L
@@ -427,7 +433,8 @@ class ExpertGroups:
             self.finished.wait(work, recv_LN)
             # Now order by destination node: one inter-node message per node, among equal local ranks.
             send_NL = recv_LN.transpose(0, 1).contiguous()
-            recv_NL = torch.empty_like(send_NL)  # [source node, source local rank, ...] = source rank
+            # [source node, source local rank, ...] = source rank
+            recv_NL = torch.empty_like(send_NL) if out is None else out.view(send_NL.shape)
             inter = dist.all_to_all_single(recv_NL, send_NL, group=self.inter_node, async_op=True)
             self.finished.wait(inter, recv_NL)
             return recv_NL.view(self.world_size, *rest)

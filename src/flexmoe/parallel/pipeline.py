@@ -1,11 +1,15 @@
 """All-to-all overlapped with expert compute in d capacity chunks, forward and backward (DESIGN 4).
 
-Legend: W ranks, L local experts (E_local), Cp capacity rows per (rank, local expert) in the send
-buffer, c = Cp / d rows per chunk, M model dim, R = L * W * c rows of a received chunk, N of them
-hold a token.
+Legend: W ranks, L local experts (E_local), E = W * L, d chunks, c rows per (rank, local expert) in
+a chunk (Cp = d * c capacity rows in all), M model dim, R = L * W * c rows of a received chunk, N of
+them hold a token.
 
-    send [W, L, Cp, M] --a2a--> recv [W, L, c, M] per chunk --> flexible layout [L, W * c, M]
-      --> filled rows only --> expert FFN --> [W, L, c, M] --a2a back--> ret [W, L, Cp, M]
+    send [d, W, L, c, M] --a2a of chunk i--> recv [W, L, c, M] --> flexible layout [L, W * c, M]
+      --> filled rows only --> expert FFN --> [W, L, c, M] --a2a back--> ret[i] of ret [d, W, L, c, M]
+
+The send buffer is chunk-major (`chunk_major_rows` says where each row of [W, L, Cp] goes): each
+chunk is one contiguous block that the all-to-all sends as it is and receives into its place, so no
+chunk is copied out before sending nor concatenated after receiving.
 
 All d chunk all-to-alls are started asynchronously up front; while the experts compute chunk i the
 later chunks are in flight, and chunk i's return all-to-all overlaps the compute of chunk i + 1.
@@ -45,8 +49,12 @@ def _from_flexible(rows: torch.Tensor, W: int, L: int, c: int) -> torch.Tensor:
     return rows.view(L, W, c, -1).permute(1, 0, 2, 3).contiguous()
 
 
-def _chunks(t: torch.Tensor, d: int) -> list[torch.Tensor]:
-    return [part.contiguous() for part in t.chunk(d, dim=2)]
+def chunk_major_rows(row_N: torch.Tensor, *, blocks: int, block_rows: int, d: int) -> torch.Tensor:
+    """Where rows of a [blocks, block_rows] buffer (blocks = W * L, rank-major) go in the chunk-major
+    [d, blocks, c] one (c = block_rows / d): chunk i holds rows i * c .. i * c + c - 1 of every block."""
+    c = block_rows // d
+    block, position = row_N // block_rows, row_N % block_rows
+    return (position // c * blocks + block) * c + position % c
 
 
 @dataclass(frozen=True)
@@ -110,10 +118,10 @@ class Exchange:
     def __init__(self):
         self.shape = self.counts = self.inbound = self.outbound = None
 
-    def start(self, send_WLCM, filled_WLd, groups, d: int, algorithm: str) -> Exchange:
-        self.shape = send_WLCM.shape
+    def start(self, send_dWLcM, filled_WLd, groups, algorithm: str) -> Exchange:
+        self.shape = send_dWLcM.shape
         self.counts = groups.all_to_all_start(filled_WLd, "flat")
-        self.inbound = [groups.all_to_all_start(chunk, algorithm) for chunk in _chunks(send_WLCM, d)]
+        self.inbound = [groups.all_to_all_start(chunk, algorithm) for chunk in send_dWLcM]
         return self
 
     def take_inbound(self):
@@ -122,14 +130,15 @@ class Exchange:
         return counts, inbound
 
     def finish_outbound(self) -> torch.Tensor:
-        outbound, self.outbound = self.outbound, None
-        return _finish(outbound)
+        (handles, buffer), self.outbound = self.outbound, None
+        return _wait_all(handles, buffer)
 
 
-def _finish(handles) -> torch.Tensor:
-    if len(handles) == 1:  # d = 1: the received buffer as it is (cat would copy it)
-        return handles[0].wait()
-    return torch.cat([handle.wait() for handle in handles], dim=2)
+def _wait_all(handles, buffer: torch.Tensor) -> torch.Tensor:
+    """Wait for the chunk all-to-alls that receive into `buffer`'s chunks; returns `buffer`."""
+    for handle in handles:
+        handle.wait()
+    return buffer
 
 
 class StartExchange(torch.autograd.Function):
@@ -139,14 +148,14 @@ class StartExchange(torch.autograd.Function):
 
     @staticmethod
     @amp_forward(cast_inputs=True)  # what travels is in the autocast dtype
-    def forward(ctx, send_WLCM, filled_WLd, exchange: Exchange, groups, d: int, algorithm: str):
-        ctx.exchange = exchange.start(send_WLCM, filled_WLd, groups, d, algorithm)
-        return send_WLCM.new_empty(0)  # a token: PipelinedExpertExchange's input, for the graph's order
+    def forward(ctx, send_dWLcM, filled_WLd, exchange: Exchange, groups, algorithm: str):
+        ctx.exchange = exchange.start(send_dWLcM, filled_WLd, groups, algorithm)
+        return send_dWLcM.new_empty(0)  # a token: PipelinedExpertExchange's input, for the graph's order
 
     @staticmethod
     @amp_backward
     def backward(ctx, _grad_token):
-        return ctx.exchange.finish_outbound(), None, None, None, None, None
+        return ctx.exchange.finish_outbound(), None, None, None, None
 
 
 class PipelinedExpertExchange(torch.autograd.Function):
@@ -164,7 +173,6 @@ class PipelinedExpertExchange(torch.autograd.Function):
         w2,
         b2,
         groups,
-        d: int,
         algorithm: str,
         activation: str,
     ):
@@ -173,38 +181,39 @@ class PipelinedExpertExchange(torch.autograd.Function):
         ctx.started = exchange is not None
         ctx.start_node = send_or_token.grad_fn if ctx.started else None
         if not ctx.started:
-            exchange = Exchange().start(send_or_token, filled_WLd, groups, d, algorithm)
-        W, L, Cp, M = exchange.shape
-        assert Cp % d == 0, "capacity must be padded to a multiple of d"
-        c = Cp // d
+            exchange = Exchange().start(send_or_token, filled_WLd, groups, algorithm)
+        d, W, L, c, M = exchange.shape
         weights = ExpertWeights(w1, b1, w2, b2, activation)
         counts, inbound = exchange.take_inbound()
         received_WLd = counts.wait()
         filled = [FilledRows.from_counts(received_WLd[:, :, i], c, w1.shape[2]) for i in range(d)]
-        outbound, saved = [], []
-        for handle, rows in zip(inbound, filled, strict=True):
-            x_NM = rows.gather(handle.wait())
+        outbound, saved, ret = [], [], None
+        for i, (handle, rows) in enumerate(zip(inbound, filled, strict=True)):
+            recv_WLcM = handle.wait()
+            ret = recv_WLcM.new_empty(exchange.shape) if ret is None else ret
+            x_NM = rows.gather(recv_WLcM)
             y_NM, hpre = ffn_forward(x_NM, weights, rows.sizes)
             saved += [x_NM, hpre]  # the activation is recomputed from hpre in backward
-            outbound.append(groups.all_to_all_start(rows.scatter(y_NM, (W, L, c)), algorithm))
-        ret = _finish(outbound)
+            y_WLcM = rows.scatter(y_NM, (W, L, c))
+            outbound.append(groups.all_to_all_start(y_WLcM, algorithm, out=ret[i]))
+        _wait_all(outbound, ret)
         ctx.save_for_backward(w1, b1, w2, b2, *saved)
-        ctx.groups, ctx.d, ctx.algorithm, ctx.activation = groups, d, algorithm, activation
+        ctx.groups, ctx.algorithm, ctx.activation = groups, algorithm, activation
         ctx.shape, ctx.filled = (W, L, c), filled
         ctx.exchange = exchange
         return ret
 
     @staticmethod
     @amp_backward
-    def backward(ctx, grad_ret_WLCM):
+    def backward(ctx, grad_ret_dWLcM):
         w1, b1, w2, b2, *saved = ctx.saved_tensors
         weights = ExpertWeights(w1, b1, w2, b2, ctx.activation)
         W, L, c = ctx.shape
         needs = ctx.needs_input_grad
         need_weights = any(needs[3:7])
-        inbound = [ctx.groups.all_to_all_start(g, ctx.algorithm) for g in _chunks(grad_ret_WLCM, ctx.d)]
-        outbound = []
-        totals = None
+        grad_ret_dWLcM = grad_ret_dWLcM.contiguous()
+        inbound = [ctx.groups.all_to_all_start(g, ctx.algorithm) for g in grad_ret_dWLcM]
+        grad_send, outbound, totals = torch.empty_like(grad_ret_dWLcM), [], None
         for i, (handle, rows) in enumerate(zip(inbound, ctx.filled, strict=True)):
             x_NM, hpre = saved[2 * i : 2 * i + 2]
             grads = ffn_backward(
@@ -218,7 +227,7 @@ class PipelinedExpertExchange(torch.autograd.Function):
             )
             grad_x_WLcM = rows.scatter(grads.x_RM, (W, L, c))
             # every rank sends its share whether or not it needs the result: the exchange is collective
-            outbound.append(ctx.groups.all_to_all_start(grad_x_WLcM, ctx.algorithm))
+            outbound.append(ctx.groups.all_to_all_start(grad_x_WLcM, ctx.algorithm, out=grad_send[i]))
             if need_weights:
                 parts = (grads.w1_GMX, grads.b1_GX, grads.w2_GHM, grads.b2_GM)
                 totals = (
@@ -230,35 +239,33 @@ class PipelinedExpertExchange(torch.autograd.Function):
         start = ctx.start_node
         if start is not None and torch._C._will_engine_execute_node(start):
             # StartExchange.backward waits, after the nodes created between the two (shared experts)
-            ctx.exchange.outbound = outbound
-            grad_first = grad_ret_WLCM.new_zeros(0)
+            ctx.exchange.outbound = (outbound, grad_send)
+            grad_first = grad_ret_dWLcM.new_zeros(0)
         else:  # no StartExchange, or this backward does not reach it: wait here
-            grad_send = _finish(outbound)
+            _wait_all(outbound, grad_send)
             grad_first = grad_send if needs[0] and not ctx.started else None
-        return grad_first, None, None, gw1, gb1, gw2, gb2, None, None, None, None
+        return grad_first, None, None, gw1, gb1, gw2, gb2, None, None, None
 
 
 def pipelined_expert_exchange(
-    send_WLCM: torch.Tensor,
-    filled_WLC: torch.Tensor,
+    send_dWLcM: torch.Tensor,
+    filled_WLd: torch.Tensor,
     weights: ExpertWeights,
     groups,
     *,
-    d: int,
     algorithm: str,
     beside: Callable[[], Any] | None = None,
 ) -> tuple[torch.Tensor, Any]:
-    """Differentiable: send buffer [W, L, Cp, M] -> (the experts' outputs back at the senders, same
-    shape; beside()). filled_WLC (bool [W, L, Cp]) marks the rows that hold a token: a prefix of every
-    (w, l) block, the rows the receiving experts multiply; the other rows come back as zeros.
+    """Differentiable: chunk-major send buffer [d, W, L, c, M] -> (the experts' outputs back at the
+    senders, same shape; beside()). filled_WLd (int [W, L, d]): the rows of block (w, l) of chunk i
+    that hold a token, a prefix of its c rows: the rows the receiving experts multiply; the other rows
+    come back as zeros (or padding outputs, see FilledRows), which no sender reads.
     `beside` (other work, e.g. the shared experts) runs while the chunks are in flight, and its
     backward while the gradient chunks travel back; None: nothing runs beside, no extra node."""
-    W, L, Cp = filled_WLC.shape
-    filled_WLd = filled_WLC.view(W, L, d, Cp // d).sum(-1)  # per chunk
-    first, exchange, side = send_WLCM.contiguous(), None, None
+    first, exchange, side = send_dWLcM.contiguous(), None, None
     if beside is not None:
         exchange = Exchange()  # started by StartExchange.forward
-        first = StartExchange.apply(first, filled_WLd, exchange, groups, d, algorithm)
+        first = StartExchange.apply(first, filled_WLd, exchange, groups, algorithm)
         side = beside()
     ret = PipelinedExpertExchange.apply(
         first,
@@ -269,7 +276,6 @@ def pipelined_expert_exchange(
         weights.w2_GHM,
         weights.b2_GM,
         groups,
-        d,
         algorithm,
         weights.activation,
     )

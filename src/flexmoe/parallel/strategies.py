@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from flexmoe.core.dispatch import combine, dispatch
+from flexmoe.core.dispatch import combine_packed, dispatch_packed, pad_rows, unpad_rows
 from flexmoe.core.experts import Experts
 from flexmoe.core.plans import Plan
 from flexmoe.core.routing import RoutingPlan
 from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
 from flexmoe.parallel.comm import ExpertGroups, all_gather_shards
-from flexmoe.parallel.pipeline import pipelined_expert_exchange
+from flexmoe.parallel.pipeline import chunk_major_rows, pipelined_expert_exchange
 
 
 def run_packed(x_TM: torch.Tensor, routing: RoutingPlan, weights: ExpertWeights, *, is_postscore: bool):
@@ -152,29 +152,38 @@ class ExpertParallelStrategy:
     ) -> tuple[torch.Tensor, Any]:
         """(the routed experts' output, beside()); `beside` runs while the tokens are in flight, and its
         backward while their gradients are (pipeline.pipelined_expert_exchange)."""
-        layout, r = self.experts.layout, self.plan.r
-        W, E, Cb = layout.world_size, layout.num_experts, routing.buffer_capacity
+        layout, r, d = self.experts.layout, self.plan.r, self.plan.d
+        W, L, M = layout.world_size, layout.local_experts, layout.model_dim
+        E, Cb = layout.num_experts, routing.buffer_capacity
+        # the [E, r * Cb] buffer seen as [W, L, Cp]: with E < W an expert's rows span several ranks
+        Cp = E * r * Cb // (W * L)
+        c = Cp // d  # rows per (rank, local expert) in a chunk
         with record_function("flexmoe.dispatch"):
-            buffer_ECM = dispatch(x_TM, routing, is_postscore=is_postscore)
+            rows_NM = dispatch_packed(x_TM, routing, is_postscore=is_postscore)
+            slot_N = routing.slot_N // Cb * (r * Cb) + routing.slot_N % Cb  # row of [E, r * Cb]
             filled_EC = torch.arange(Cb, device=x_TM.device) < routing.kept_E.to(x_TM.device).unsqueeze(1)
-            if r > 1:  # every block of hidden columns sees every token
-                buffer_ECM, filled_EC = buffer_ECM.repeat(1, r, 1), filled_EC.repeat(1, r)
+            if r > 1:  # every block of hidden columns sees every token: r copies, at positions q * Cb + j
+                slot_N = (slot_N + torch.arange(r, device=x_TM.device).unsqueeze(1) * Cb).view(-1)
+                rows_NM, filled_EC = rows_NM.repeat(r, 1), filled_EC.repeat(1, r)
+            row_N = chunk_major_rows(slot_N, blocks=W * L, block_rows=Cp, d=d)
+            send_dWLcM = pad_rows(rows_NM, row_N, d * W * L * c).view(d, W, L, c, M)
+            filled_WLd = filled_EC.view(W, L, d, c).sum(-1)
         with record_function("flexmoe.gather_weights"):
             weights = self.weights(dtype or x_TM.dtype)
-        L, M = layout.local_experts, layout.model_dim
         with record_function("flexmoe.exchange"):  # all-to-alls and the experts, pipelined
-            ret, side = pipelined_expert_exchange(
-                buffer_ECM.view(W, L, -1, M),
-                filled_EC.view(W, L, -1),
+            ret_dWLcM, side = pipelined_expert_exchange(
+                send_dWLcM,
+                filled_WLd,
                 weights,
                 self.groups,
-                d=self.plan.d,
                 algorithm=self.plan.all_to_all,
                 beside=beside,
             )
         with record_function("flexmoe.combine"):
-            ret_ECM = ret.view(E, r, Cb, M).sum(1) if r > 1 else ret.view(E, Cb, M)
-            return combine(ret_ECM, routing, is_postscore=is_postscore), side
+            out_NM = unpad_rows(ret_dWLcM.view(-1, M), row_N)
+            if r > 1:  # the r blocks' partial sums
+                out_NM = out_NM.view(r, -1, M).sum(0)
+            return combine_packed(out_NM, routing, is_postscore=is_postscore), side
 
 
 def build_strategy(plan: Plan, experts: Experts, groups: ExpertGroups):

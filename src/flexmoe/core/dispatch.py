@@ -90,6 +90,34 @@ class _PadRows(torch.autograd.Function):
         return grad_SM.index_select(0, slot_N), None, None
 
 
+class _GatherTokensIntoRows(torch.autograd.Function):
+    """buffer_S = x_TM[source_S], with zero rows where source_S = T (no token): one gather from x with a
+    zero row appended, instead of gathering the kept rows and then scattering them into a zero-filled
+    buffer. Backward adds every row's gradient to its token (the rows without one go to the extra row)."""
+
+    @staticmethod
+    @amp_forward(cast_inputs=False)  # moves rows in their own dtype
+    def forward(ctx, x_TM: torch.Tensor, source_S: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(source_S)
+        ctx.num_tokens = x_TM.shape[0]
+        x_with_zero = torch.cat([x_TM, x_TM.new_zeros(1, x_TM.shape[1])])
+        return x_with_zero.index_select(0, source_S)
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad_SM: torch.Tensor):
+        (source_S,) = ctx.saved_tensors
+        grad = grad_SM.new_zeros(ctx.num_tokens + 1, grad_SM.shape[1]).index_add_(0, source_S, grad_SM)
+        return grad[: ctx.num_tokens], None
+
+
+def dispatch_to_rows(x_TM: torch.Tensor, token_N: torch.Tensor, row_N: torch.Tensor, num_rows: int):
+    """[T, M] -> [num_rows, M]: token token_N[n]'s row at row row_N[n] (rows distinct), zeros elsewhere
+    (post-score dispatch into any buffer layout)."""
+    source_S = torch.full((num_rows,), x_TM.shape[0], dtype=token_N.dtype, device=token_N.device)
+    return _GatherTokensIntoRows.apply(x_TM, source_S.index_copy_(0, row_N, token_N))
+
+
 def pad_rows(rows_NM: torch.Tensor, row_N: torch.Tensor, num_rows: int) -> torch.Tensor:
     """[N, M] -> [num_rows, M]: row n at row_N[n], zeros elsewhere (any buffer layout)."""
     return _PadRows.apply(rows_NM, row_N, num_rows)

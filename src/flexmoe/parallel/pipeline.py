@@ -187,11 +187,10 @@ class PipelinedExpertExchange(torch.autograd.Function):
         counts, inbound = exchange.take_inbound()
         received_WLd = counts.wait()
         filled = [FilledRows.from_counts(received_WLd[:, :, i], c, w1.shape[2]) for i in range(d)]
-        outbound, saved, ret = [], [], None
+        outbound, saved = [], []
+        ret = send_or_token.new_empty(exchange.shape)  # the token has the send buffer's dtype
         for i, (handle, rows) in enumerate(zip(inbound, filled, strict=True)):
-            recv_WLcM = handle.wait()
-            ret = recv_WLcM.new_empty(exchange.shape) if ret is None else ret
-            x_NM = rows.gather(recv_WLcM)
+            x_NM = rows.gather(handle.wait())
             y_NM, hpre = ffn_forward(x_NM, weights, rows.sizes)
             saved += [x_NM, hpre]  # the activation is recomputed from hpre in backward
             y_WLcM = rows.scatter(y_NM, (W, L, c))

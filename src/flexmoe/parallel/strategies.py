@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from flexmoe.core.dispatch import combine_packed, dispatch_packed, pad_rows, unpad_rows
+from flexmoe.core.dispatch import combine_packed, dispatch_packed, dispatch_to_rows, pad_rows, unpad_rows
 from flexmoe.core.experts import Experts
 from flexmoe.core.plans import Plan
 from flexmoe.core.routing import RoutingPlan
@@ -159,14 +159,19 @@ class ExpertParallelStrategy:
         Cp = E * r * Cb // (W * L)
         c = Cp // d  # rows per (rank, local expert) in a chunk
         with record_function("flexmoe.dispatch"):
-            rows_NM = dispatch_packed(x_TM, routing, is_postscore=is_postscore)
             slot_N = routing.slot_N // Cb * (r * Cb) + routing.slot_N % Cb  # row of [E, r * Cb]
             filled_EC = torch.arange(Cb, device=x_TM.device) < routing.kept_E.to(x_TM.device).unsqueeze(1)
             if r > 1:  # every block of hidden columns sees every token: r copies, at positions q * Cb + j
                 slot_N = (slot_N + torch.arange(r, device=x_TM.device).unsqueeze(1) * Cb).view(-1)
-                rows_NM, filled_EC = rows_NM.repeat(r, 1), filled_EC.repeat(1, r)
+                filled_EC = filled_EC.repeat(1, r)
             row_N = chunk_major_rows(slot_N, blocks=W * L, block_rows=Cp, d=d)
-            send_dWLcM = pad_rows(rows_NM, row_N, d * W * L * c).view(d, W, L, c, M)
+            rows = d * W * L * c
+            if is_postscore:  # one gather of the token rows into the send buffer
+                send_SM = dispatch_to_rows(x_TM, routing.token_N.repeat(r), row_N, rows)
+            else:  # the rows scaled by their gate weights first
+                scaled_NM = dispatch_packed(x_TM, routing, is_postscore=False)
+                send_SM = pad_rows(scaled_NM.repeat(r, 1), row_N, rows)
+            send_dWLcM = send_SM.view(d, W, L, c, M)
             filled_WLd = filled_EC.view(W, L, d, c).sum(-1)
         with record_function("flexmoe.gather_weights"):
             weights = self.weights(dtype or x_TM.dtype)

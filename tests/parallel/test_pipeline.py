@@ -116,3 +116,11 @@ def test_only_filled_rows_are_multiplied_and_results_match(d, kept_list, monkeyp
     want_grads = torch.autograd.grad(want_rows, [send, *params], grad.view(-1, M)[mask])
     for got_g, want_g in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got_g, want_g, rtol=1e-12, atol=1e-12)
+
+
+def test_all_to_all_into_a_wrong_out_buffer_is_refused():
+    groups, x = ExpertGroups(None), torch.randn(1, 4, 3)
+    assert torch.equal(groups.all_to_all_start(x, "flat", out=torch.empty(1, 4, 3)).wait(), x)
+    for out in (torch.empty(1, 4, 2), torch.empty(1, 3, 4).transpose(1, 2)):  # shape; not contiguous
+        with pytest.raises(ValueError, match="out must be contiguous"):
+            groups.all_to_all_start(x, "flat", out=out)

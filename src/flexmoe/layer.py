@@ -293,12 +293,15 @@ class MoELayer(nn.Module):
             what = "MoELayer construction"
             agreement.agree_fields(fields, group=self.group, what=what, finished=finished)
 
-    def _agree_capacity(self, plan: Plan | None, capacity: int, compute_dtype, device) -> int:
+    def _agree_capacity(
+        self, plan: Plan | None, capacity: int, assignments: int, compute_dtype, device
+    ) -> tuple[int, int]:
         """Ranks must run the same plan on the same shapes, or the collectives would hang or abort:
-        check it, and take the group's largest capacity, before any token moves. One fixed-size
-        collective whatever the plan (a forced and an adaptive step send the same vector)."""
+        check it, and take the group's largest capacity and number of assignments (token-expert
+        pairs: what the exchange carries), before any token moves. One fixed-size collective whatever
+        the plan (a forced and an adaptive step send the same vector)."""
         if self.layout.world_size == 1:
-            return capacity
+            return capacity, assignments
         f = agreement
         fields = [
             f.Field("layer settings (fingerprint)", self._fingerprint),
@@ -314,7 +317,17 @@ class MoELayer(nn.Module):
             ),
         ]
         what, finished = "MoELayer forward", self.groups.finished
-        return f.agree_fields(fields, [capacity], self.group, device=device, what=what, finished=finished)[0]
+        maxima = f.agree_fields(
+            fields, [capacity, assignments], self.group, device=device, what=what, finished=finished
+        )
+        return maxima[0], maxima[1]
+
+    def _tuning_capacity(self, capacity: int, assignments: int) -> int:
+        """What the tuner keys and ranks plans on: the capacity, or, when it is larger, the mean load
+        per expert of the busiest rank. The flat exchange carries only the rows that hold a token
+        (parallel.chunks), so under dropless routing, whose capacity is the fullest expert's queue and
+        moves from step to step with the routing's skew, the plans' costs follow the load instead."""
+        return min(capacity, -(-assignments // self.config.num_experts))
 
     # -- forward -----------------------------------------------------------------------------------
     def _validate(self, x: torch.Tensor) -> None:
@@ -397,14 +410,20 @@ class MoELayer(nn.Module):
                 if replayed is not None:  # agreed by the first run; every rank replays alike
                     capacity = replayed.capacity
                 else:
-                    capacity = self._agree_capacity(
-                        plan, choices.capacity(capacity_factor), compute_dtype, x.device
+                    capacity, assignments = self._agree_capacity(
+                        plan,
+                        choices.capacity(capacity_factor),
+                        choices.experts_TK.numel(),
+                        compute_dtype,
+                        x.device,
                     )
             with record_function("flexmoe.choose_plan"):  # forced or fixed already known, else the tuner's
                 if replayed is not None:
                     plan, source = replayed.plan, replayed.source
                 elif plan is None:
-                    plan, source = self.tuner.choose(capacity, training=self.training, device=x.device)
+                    plan, source = self.tuner.choose(
+                        self._tuning_capacity(capacity, assignments), training=self.training, device=x.device
+                    )
                     trial = self.tuner.last_trial
                 plan, strategy = self._strategy(plan)
             with record_function("flexmoe.run_plan"):  # slots -> dispatch -> experts -> combine

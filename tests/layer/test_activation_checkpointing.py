@@ -134,7 +134,10 @@ COLLECTIVES = ("all_to_all_single", "all_gather_single", "all_gather_into_tensor
 
 def _recording(collective, name: str, log: list):
     def run(*args, **kwargs):
-        log.append((name, tuple(args[1].shape)))  # (out, in, ...): what this rank sends
+        shape = tuple(args[1].shape)  # (out, in, ...): what this rank sends
+        if kwargs.get("input_split_sizes") is not None:  # rows of any count: only the row width agrees
+            shape = ("rows", *shape[1:])
+        log.append((name, shape))
         return collective(*args, **kwargs)
 
     return run

@@ -1,7 +1,7 @@
-"""The pipelined exchange on one process (the all-to-all is the identity at W = 1): the experts multiply
-only the rows that hold a token, in every chunk, and the result and gradients equal the grouped FFN
-on those rows, with zeros in the rows nobody filled. The multi-process plans are checked against one
-process in test_distributed_layer.py."""
+"""The pipelined exchange on one process (the all-to-all is the identity at W = 1), in both chunk
+layouts: the experts multiply only the rows that hold a token, in every chunk, and the result and
+gradients equal the grouped FFN on those rows. Where the rows of the layouts go, at any W. The
+multi-process plans are checked against one process in test_distributed_layer.py."""
 
 from __future__ import annotations
 
@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from flexmoe.ops.expert_ffn import ExpertWeights, grouped_expert_ffn
+from flexmoe.parallel.chunks import (
+    FilledRows,
+    PackedChunks,
+    PackedRoute,
+    PaddedChunks,
+    split_runs,
+)
 from flexmoe.parallel.comm import ExpertGroups
-from flexmoe.parallel.pipeline import FilledRows, chunk_major_rows, pipelined_expert_exchange
+from flexmoe.parallel.pipeline import pipelined_expert_exchange
 from flexmoe.testing.counting import record_multiplied_rows
 
 M, H = 6, 10
@@ -49,8 +56,9 @@ def test_nearly_equal_experts_are_padded_with_their_own_empty_rows():
     filled_WL = torch.tensor([[3, 3, 2], [3, 2, 3]])  # 6, 5, 5 rows: 2 padding rows make them equal
     rows = FilledRows.from_counts(filled_WL, 4, H)  # c = 4: rows 0-7 expert 0, 8-15 expert 1, ...
     assert rows.sizes == (6, 6, 6)
-    # expert 1 takes its first empty row (row 3 of sender 0: flexible row 11), expert 2 likewise (18)
-    assert rows.index.tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10, 11, 12, 13, 16, 17, 18, 20, 21, 22]
+    # expert 1 takes its first empty row (row 3 of sender 0: flexible row 11), expert 2 likewise (18),
+    # each after its filled rows
+    assert rows.index.tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 11, 16, 17, 20, 21, 22, 18]
     # padded to every row of the chunk (c = 3): nothing to pack
     full = FilledRows.from_counts(filled_WL, 3, H)
     assert full.index is None and full.sizes == (6, 6, 6)
@@ -58,64 +66,110 @@ def test_nearly_equal_experts_are_padded_with_their_own_empty_rows():
     assert uneven.sizes == (6, 3, 5) and uneven.index.numel() == 14
 
 
-def _chunk_major(t: torch.Tensor, d: int, *, back: bool = False) -> torch.Tensor:
-    """[W, L, Cp, M] <-> the pipeline's chunk-major [d, W, L, c, M]."""
-    if back:
-        d, W, L, c, M = t.shape
-        return t.permute(1, 2, 0, 3, 4).reshape(W, L, d * c, M)
-    W, L, Cp, M = t.shape
-    return t.view(W, L, d, Cp // d, M).permute(2, 0, 1, 3, 4)
+def test_padded_chunks_hold_run_i_of_every_block_at_its_start():
+    W, L, Cp, d = 2, 2, 6, 2
+    filled_B = torch.tensor([3, 0, 6, 1])
+    layout = PaddedChunks(filled_B, world_size=W, capacity=Cp, d=d, algorithm="flat")
+    slot_N = (torch.arange(Cp) < filled_B.unsqueeze(1)).reshape(-1).nonzero().squeeze(1)
+    placed = torch.full((layout.num_rows,), -1).index_copy_(0, layout.rows(slot_N), slot_N)
+    # [d, B, c = 3]: chunk 0 holds block 0's row 0, block 2's rows 0-2; chunk 1 the rest of each
+    want = [
+        [[0, -1, -1], [-1] * 3, [12, 13, 14], [-1] * 3],
+        [[1, 2, -1], [-1] * 3, [15, 16, 17], [18, -1, -1]],
+    ]
+    assert placed.view(d, W * L, 3).tolist() == want
+    assert layout.counts.tolist() == [[[1, 2], [0, 0]], [[3, 3], [0, 1]]]  # [W, L, d]
 
 
-def test_chunk_major_rows_place_every_slot_in_its_chunk():
-    W, L, Cp, d = 2, 3, 8, 4
-    slots_WLC = torch.arange(W * L * Cp).view(W, L, Cp)
-    rows = chunk_major_rows(slots_WLC.reshape(-1), blocks=W * L, block_rows=Cp, d=d)
-    placed = torch.empty(W * L * Cp, dtype=torch.long).index_copy_(0, rows, slots_WLC.reshape(-1))
-    assert torch.equal(placed.view(d, W, L, Cp // d), _chunk_major(slots_WLC.unsqueeze(-1), d).squeeze(-1))
-
-
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize(
     "kept_list",
     [[5, 0, 8], [8, 7, 8]],  # ragged; nearly equal (padded to 8 rows each with one empty row)
 )
 @pytest.mark.parametrize("d", [1, 2, 4])
-def test_only_filled_rows_are_multiplied_and_results_match(d, kept_list, monkeypatch):
+def test_only_filled_rows_are_multiplied_and_results_match(d, kept_list, packed, monkeypatch):
     L, Cp = 3, 8
     kept = torch.tensor(kept_list)  # per local expert; a prefix of its Cp rows
-    padded = len(set(kept_list)) == 2
     filled_LC = torch.arange(Cp) < kept.unsqueeze(1)
-    send = torch.randn(1, L, Cp, M, dtype=torch.float64) * filled_LC.unsqueeze(-1)
-    send.requires_grad_()
+    x_NM = torch.randn(int(kept.sum()), M, dtype=torch.float64, requires_grad=True)
     w = _weights(L)
     rows_multiplied = record_multiplied_rows(monkeypatch)
-    filled_1Ld = filled_LC.view(1, L, d, Cp // d).sum(-1)
-    ret_dLcM, _ = pipelined_expert_exchange(
-        _chunk_major(send, d), filled_1Ld, w, ExpertGroups(None), algorithm="flat"
-    )
-    ret = _chunk_major(ret_dLcM, d, back=True)
-    assert len(rows_multiplied) == d
-    # never more than 1/8 more rows than the filled ones; with d = 4 the last chunk's (2, 1, 2) rows
-    # would need 20% padding, so nothing is padded there
-    padded = padded and d < 4
-    if padded:
-        assert int(kept.sum()) < sum(rows_multiplied) <= int(kept.sum()) * 9 / 8
+    if packed:
+        layout = PackedChunks(kept, world_size=1, capacity=Cp, d=d)
     else:
-        assert sum(rows_multiplied) == int(kept.sum())
+        layout = PaddedChunks(kept, world_size=1, capacity=Cp, d=d, algorithm="flat")
+    row_N = layout.rows(filled_LC.reshape(-1).nonzero().squeeze(1))
+    send = x_NM.new_zeros(layout.num_rows, M).index_copy(0, row_N, x_NM)
+    ret, _ = pipelined_expert_exchange(send, layout, w, ExpertGroups(None))
+    got = ret.index_select(0, row_N)
+    assert len(rows_multiplied) == d
+    # never more than 1/8 more rows than the filled ones: [8, 7, 8] pads to 8 rows each at d = 1 (in
+    # chunks, only where a chunk's groups are nearly equal); [5, 0, 8] never pads
+    n = int(kept.sum())
+    assert n <= sum(rows_multiplied) <= n * 9 / 8
+    if d == 1:
+        assert (sum(rows_multiplied) > n) == (kept_list == [8, 7, 8])
+    if packed:
+        assert layout.num_rows == int(kept.sum())  # only the rows that hold a token travel
+    else:
+        assert layout.num_rows == L * Cp
+        if sum(rows_multiplied) == int(kept.sum()):  # else padding outputs land in rows nobody reads
+            assert torch.all(ret[~_placed(row_N, ret)] == 0)
 
     # reference: the grouped FFN on exactly the filled rows
-    mask = filled_LC.reshape(-1)
-    want_rows = grouped_expert_ffn(send.view(-1, M)[mask], w, tuple(kept.tolist()))
-    got = ret.view(-1, M)
-    torch.testing.assert_close(got[mask], want_rows, rtol=1e-12, atol=1e-12)
-    assert padded or torch.all(got[~mask] == 0)  # padding outputs land in rows nobody reads
+    want = grouped_expert_ffn(x_NM, w, tuple(kept.tolist()))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
-    grad = torch.randn_like(ret) * filled_LC.unsqueeze(-1)
+    grad = torch.randn_like(got)
     params = [w.w1_GMX, w.b1_GX, w.w2_GHM, w.b2_GM]
-    got_grads = torch.autograd.grad(ret, [send, *params], grad)
-    want_grads = torch.autograd.grad(want_rows, [send, *params], grad.view(-1, M)[mask])
+    got_grads = torch.autograd.grad(got, [x_NM, *params], grad)
+    want_grads = torch.autograd.grad(want, [x_NM, *params], grad)
     for got_g, want_g in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got_g, want_g, rtol=1e-12, atol=1e-12)
+
+
+def _placed(row_N: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(buffer.shape[0], dtype=torch.bool).index_fill_(0, row_N, True)
+
+
+def test_split_runs_cut_each_count_into_d_nearly_equal_runs():
+    runs = split_runs(torch.tensor([5, 0, 8, 1]), 3)
+    assert runs.tolist() == [[1, 0, 2, 0], [2, 0, 3, 0], [2, 0, 3, 1]]
+
+
+def test_packed_chunks_hold_run_i_of_every_block_in_block_order():
+    W, Cp, d = 2, 6, 2
+    filled_B = torch.tensor([3, 0, 6, 1])  # blocks (w, l) rank-major, L = 2
+    layout = PackedChunks(filled_B, world_size=W, capacity=Cp, d=d)
+    slot_N = (torch.arange(Cp) < filled_B.unsqueeze(1)).reshape(-1).nonzero().squeeze(1)
+    row_N = layout.rows(slot_N)
+    assert sorted(row_N.tolist()) == list(range(10))  # a permutation of the 10 rows that hold a token
+    # chunk 0: block 0's first row, block 2's first 3, block 3's none; chunk 1: the rest, block by block
+    placed = torch.empty(10, dtype=torch.long).index_copy_(0, row_N, slot_N)
+    assert placed.tolist() == [0, 12, 13, 14, 1, 2, 15, 16, 17, 18]
+    assert layout.send_rows == [[1, 3], [2, 4]]  # chunk i's rows for rank w
+    assert [c.shape[0] for c in layout.chunks(torch.zeros(10, 1))] == [4, 6]
+
+
+def test_packed_route_groups_the_received_rows_by_expert_and_puts_them_back():
+    received_WL = torch.tensor([[2, 0, 1], [1, 3, 0]])  # rows from sender w for local expert l
+    route = PackedRoute(
+        received_WL, [0, 0], hidden_width=10**9, device=torch.device("cpu")
+    )  # groups too large to pad
+    assert route.recv_rows == [3, 4] and route.sizes == (3, 3, 1)
+    recv = torch.arange(7.0).unsqueeze(1)  # sender 0: e0 e0 e2; sender 1: e0 e1 e1 e1
+    rows = route.gather(recv)
+    assert rows.view(-1).tolist() == [0, 1, 3, 4, 5, 6, 2]
+    assert torch.equal(route.scatter(rows), recv)
+    # nearly equal small groups: padded to 3 rows each with the zero row after the received ones
+    padded = PackedRoute(
+        torch.tensor([[2, 1, 1], [1, 2, 1]]), [0, 0], hidden_width=4, device=torch.device("cpu")
+    )
+    assert padded.padded and padded.sizes == (3, 3, 3)
+    recv = torch.cat([torch.arange(1.0, 9.0), torch.zeros(1)]).unsqueeze(1)  # 8 rows and the zero row
+    rows = padded.gather(recv)
+    assert rows.view(-1).tolist() == [1, 2, 5, 3, 6, 7, 4, 8, 0]
+    assert torch.equal(padded.scatter(rows), recv[:8])
 
 
 def test_all_to_all_into_a_wrong_out_buffer_is_refused():
@@ -124,3 +178,14 @@ def test_all_to_all_into_a_wrong_out_buffer_is_refused():
     for out in (torch.empty(1, 4, 2), torch.empty(1, 3, 4).transpose(1, 2)):  # shape; not contiguous
         with pytest.raises(ValueError, match="out must be contiguous"):
             groups.all_to_all_start(x, "flat", out=out)
+
+
+def test_all_to_all_of_rows_checks_its_counts_and_out_buffer():
+    groups, x = ExpertGroups(None), torch.randn(5, 3)
+    assert torch.equal(groups.all_to_all_rows_start(x, [5], [5]).wait(), x)
+    with pytest.raises(ValueError, match="W=1 counts"):
+        groups.all_to_all_rows_start(x, [2, 3], [5])
+    with pytest.raises(ValueError, match="send_rows must sum to x's 5 rows"):
+        groups.all_to_all_rows_start(x, [4], [4])
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        groups.all_to_all_rows_start(x, [5], [5], out=torch.empty(4, 3))

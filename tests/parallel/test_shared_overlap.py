@@ -77,21 +77,25 @@ def event_order_worker(d: int) -> dict:
     """The order of all-to-all starts and waits and of the shared experts' forward and backward."""
     layer, _ = _layers(4, True, "gelu", seed=5)
     events: list[tuple] = []
-    real_start = layer.groups.all_to_all_start
 
-    def start(x, algorithm, **kwargs):
-        handle, n = real_start(x, algorithm, **kwargs), sum(e[0] == "start" for e in events)
-        events.append(("start", n))
-        real_wait = handle.wait
+    def recorded(real_start):
+        def start(*args, **kwargs):
+            handle, n = real_start(*args, **kwargs), sum(e[0] == "start" for e in events)
+            events.append(("start", n))
+            real_wait = handle.wait
 
-        def wait():
-            events.append(("wait", n))
-            return real_wait()
+            def wait():
+                events.append(("wait", n))
+                return real_wait()
 
-        handle.wait = wait
-        return handle
+            handle.wait = wait
+            return handle
 
-    layer.groups.all_to_all_start = start
+        return start
+
+    # the counts (all_to_all_start) and the packed chunks (all_to_all_rows_start)
+    for name in ("all_to_all_start", "all_to_all_rows_start"):
+        setattr(layer.groups, name, recorded(getattr(layer.groups, name)))
     layer.shared_experts.register_forward_pre_hook(lambda m, a: events.append(("shared forward",)))
     layer.shared_experts.register_forward_hook(lambda m, a, out: events.append(("shared forward done",)))
     for n, p in layer.shared_experts.named_parameters():
@@ -148,11 +152,12 @@ def test_overlapped_shared_experts_equal_the_unoverlapped_layer(pool, case_index
 def test_shared_experts_run_while_the_all_to_alls_are_in_flight(pool, d):
     for res in pool.run(event_order_worker, d):
         fwd, bwd = res["forward"], res["backward"]
-        # forward: the counts and the d token chunks started, then the shared FFN, then the first wait
-        first_wait = next(i for i, e in enumerate(fwd) if e[0] == "wait")
+        # forward: the counts exchanged, the d token chunks started, then the shared FFN, then the first
+        # wait for a chunk
         begin, done = fwd.index(("shared forward",)), fwd.index(("shared forward done",))
-        assert [e[0] for e in fwd[:begin]] == ["start"] * (d + 1), fwd
-        assert begin < done < first_wait, fwd
+        assert fwd[:begin] == [("start", 0), ("wait", 0)] + [("start", i) for i in range(1, d + 1)], fwd
+        first_chunk_wait = next(i for i, e in enumerate(fwd) if e[0] == "wait" and e[1] > 0)
+        assert begin < done < first_chunk_wait, fwd
         # backward: the d outbound gradient chunks started, then the shared FFN's backward, then their waits
         starts = [i for i, e in enumerate(bwd) if e[0] == "start"]
         outbound = {bwd[i][1] for i in starts[-d:]}

@@ -247,6 +247,19 @@ def _expert_bytes(model, optimizer) -> int:
 DIST_VARIANTS = ("ddp_grouped_mm", "flexmoe_sharded", "hf_ep_all_to_all", "hf_ep_flexmoe")
 
 
+def _plans_run(model) -> str | None:
+    """The plans flexmoe's MoE layers ran last (one entry per distinct plan), or None without any."""
+    from flexmoe.layer import MoELayer
+
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not layers:
+        from flexmoe.integrations.transformers import ep_layers
+
+        layers = list(ep_layers(model).values())
+    plans = sorted({m.last_plan.plan.describe() for m in layers if m.last_plan is not None})
+    return ", ".join(plans) or None
+
+
 def _hf_ep_model(folder: str, ep_implementation: str):
     """The model under transformers' own EP + FSDP2 (whole experts per rank)."""
     from flexmoe.integrations.transformers import load_expert_parallel
@@ -339,6 +352,7 @@ def two_process(
                 "speedup_vs_ddp": speedup("ddp_grouped_mm", name),
                 "speedup_vs_hf_ep": speedup("hf_ep_all_to_all", name),
                 "memory_ratio": None if ddp_bytes is None else expert_bytes / ddp_bytes,
+                "plans": _plans_run(model),  # flexmoe's, after the last timed step
                 **rates,
             }
         )
@@ -410,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rows = two_process(config, layer_options=layer_options, variants=variants, **timing)
         columns = ("variant", "world_size", "step_ms", "expert_MiB_per_rank", "speedup_vs_ddp")
-        columns += ("speedup_vs_hf_ep", "memory_ratio")
+        columns += ("speedup_vs_hf_ep", "memory_ratio", "plans")
         columns += ("fp32_gflops", "bf16_gflops")
         if dist.get_rank() != 0:
             dist.destroy_process_group()

@@ -81,7 +81,10 @@ class _PadRows(torch.autograd.Function):
     @amp_forward(cast_inputs=False)  # moves rows in their own dtype
     def forward(ctx, rows_NM: torch.Tensor, slot_N: torch.Tensor, num_rows: int) -> torch.Tensor:
         ctx.save_for_backward(slot_N)
-        return rows_NM.new_zeros(num_rows, rows_NM.shape[1]).index_copy_(0, slot_N, rows_NM)
+        N, M = rows_NM.shape
+        # distinct rows: with as many rows as the buffer every row is written, none needs zeros
+        buffer = rows_NM.new_empty(num_rows, M) if num_rows == N else rows_NM.new_zeros(num_rows, M)
+        return buffer.index_copy_(0, slot_N, rows_NM)
 
     @staticmethod
     @amp_backward

@@ -457,7 +457,7 @@ def packed_moe(
     P = len(sizes) * n  # rows once every group is padded to n
     padded = pays_to_pad(P - token_N.shape[0], token_N.shape[0], n * w.w1_GMX.shape[2])
     if padded:
-        slot_N = _padded_slots(sizes, n, token_N.device)
+        slot_N = padded_slots(sizes, n, token_N.device)
         token_N = token_N.new_full((P,), x_TM.shape[0]).index_copy_(0, slot_N, token_N)
         weight_N = weight_N.new_zeros(P).index_copy(0, slot_N, weight_N)
         sizes = (n,) * len(sizes)
@@ -491,7 +491,7 @@ def pays_to_pad(padding_rows: int, rows: int, group_hidden: int) -> bool:
     return 0 < padding_rows <= _MAX_PADDING * rows and group_hidden <= _PAD_GROUPS_UNDER
 
 
-def _padded_slots(sizes: tuple[int, ...], n: int, device) -> torch.Tensor:
+def padded_slots(sizes: tuple[int, ...], n: int, device) -> torch.Tensor:
     """Where each of the sum(sizes) rows (grouped by expert) goes when every group is padded to n."""
     counts = torch.tensor(sizes, device=device)
     group_N = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)

@@ -19,7 +19,7 @@ import datetime
 import functools
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -417,6 +417,48 @@ class ExpertGroups:
 
             return AllToAllHandle(finish_flat, (x,))
         return self._start_2dh(x, out)
+
+    def all_to_all_rows_start(
+        self,
+        x_RM: torch.Tensor,
+        send_rows: Sequence[int],
+        recv_rows: Sequence[int],
+        *,
+        out: torch.Tensor | None = None,
+    ) -> AllToAllHandle:
+        """Start a flat all-to-all of rows of any count: x_RM's first send_rows[0] rows to rank 0, the
+        next send_rows[1] to rank 1, ...; `handle.wait()` gives the recv_rows[j] rows from each rank j,
+        in rank order, in `out` when given (contiguous, sum(recv_rows) rows). Every rank's recv_rows[j]
+        must be rank j's send_rows[me] (the callers exchange the counts first)."""
+        W = self.world_size
+        if len(send_rows) != W or len(recv_rows) != W:
+            raise ValueError(
+                f"send_rows and recv_rows must hold W={W} counts, got {len(send_rows)} and {len(recv_rows)}"
+            )
+        if sum(send_rows) != x_RM.shape[0]:
+            raise ValueError(f"send_rows must sum to x's {x_RM.shape[0]} rows, got {list(send_rows)}")
+        shape = (sum(recv_rows), *x_RM.shape[1:])
+        if out is None:
+            out = x_RM.new_empty(shape)
+        elif out.shape != shape or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous, of shape {shape}; got {tuple(out.shape)}")
+        if W == 1:
+            return AllToAllHandle(lambda: out.copy_(x_RM))
+        x_RM = x_RM.contiguous()
+        work = dist.all_to_all_single(
+            out,
+            x_RM,
+            output_split_sizes=list(recv_rows),
+            input_split_sizes=list(send_rows),
+            group=self.group,
+            async_op=True,
+        )
+
+        def finish() -> torch.Tensor:
+            self.finished.wait(work, out)
+            return out
+
+        return AllToAllHandle(finish, (x_RM,))
 
     def _start_2dh(self, x_W: torch.Tensor, out: torch.Tensor | None) -> AllToAllHandle:
         L = self.local_world_size

@@ -22,8 +22,9 @@ from flexmoe.core.experts import Experts
 from flexmoe.core.plans import Plan
 from flexmoe.core.routing import RoutingPlan
 from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
+from flexmoe.parallel.chunks import chunk_layout
 from flexmoe.parallel.comm import ExpertGroups, all_gather_shards
-from flexmoe.parallel.pipeline import chunk_major_rows, pipelined_expert_exchange
+from flexmoe.parallel.pipeline import pipelined_expert_exchange
 
 
 def run_packed(x_TM: torch.Tensor, routing: RoutingPlan, weights: ExpertWeights, *, is_postscore: bool):
@@ -155,37 +156,33 @@ class ExpertParallelStrategy:
         layout, r, d = self.experts.layout, self.plan.r, self.plan.d
         W, L, M = layout.world_size, layout.local_experts, layout.model_dim
         E, Cb = layout.num_experts, routing.buffer_capacity
-        # the [E, r * Cb] buffer seen as [W, L, Cp]: with E < W an expert's rows span several ranks
+        # the [E, r * Cb] buffer seen as W * L blocks of Cp rows: with E < W an expert's rows span ranks
         Cp = E * r * Cb // (W * L)
-        c = Cp // d  # rows per (rank, local expert) in a chunk
         with record_function("flexmoe.dispatch"):
             slot_N = routing.slot_N // Cb * (r * Cb) + routing.slot_N % Cb  # row of [E, r * Cb]
             filled_EC = torch.arange(Cb, device=x_TM.device) < routing.kept_E.to(x_TM.device).unsqueeze(1)
             if r > 1:  # every block of hidden columns sees every token: r copies, at positions q * Cb + j
                 slot_N = (slot_N + torch.arange(r, device=x_TM.device).unsqueeze(1) * Cb).view(-1)
                 filled_EC = filled_EC.repeat(1, r)
-            row_N = chunk_major_rows(slot_N, blocks=W * L, block_rows=Cp, d=d)
-            rows = d * W * L * c
+            chunks = chunk_layout(
+                filled_EC.view(W * L, Cp).sum(-1),
+                world_size=W,
+                capacity=Cp,
+                d=d,
+                algorithm=self.plan.all_to_all,
+            )
+            row_N = chunks.rows(slot_N)
             if is_postscore:  # one gather of the token rows into the send buffer
-                send_SM = dispatch_to_rows(x_TM, routing.token_N.repeat(r), row_N, rows)
+                send_SM = dispatch_to_rows(x_TM, routing.token_N.repeat(r), row_N, chunks.num_rows)
             else:  # the rows scaled by their gate weights first
                 scaled_NM = dispatch_packed(x_TM, routing, is_postscore=False)
-                send_SM = pad_rows(scaled_NM.repeat(r, 1), row_N, rows)
-            send_dWLcM = send_SM.view(d, W, L, c, M)
-            filled_WLd = filled_EC.view(W, L, d, c).sum(-1)
+                send_SM = pad_rows(scaled_NM.repeat(r, 1), row_N, chunks.num_rows)
         with record_function("flexmoe.gather_weights"):
             weights = self.weights(dtype or x_TM.dtype)
         with record_function("flexmoe.exchange"):  # all-to-alls and the experts, pipelined
-            ret_dWLcM, side = pipelined_expert_exchange(
-                send_dWLcM,
-                filled_WLd,
-                weights,
-                self.groups,
-                algorithm=self.plan.all_to_all,
-                beside=beside,
-            )
+            ret_SM, side = pipelined_expert_exchange(send_SM, chunks, weights, self.groups, beside=beside)
         with record_function("flexmoe.combine"):
-            out_NM = unpad_rows(ret_dWLcM.view(-1, M), row_N)
+            out_NM = unpad_rows(ret_SM, row_N)
             if r > 1:  # the r blocks' partial sums
                 out_NM = out_NM.view(r, -1, M).sum(0)
             return combine_packed(out_NM, routing, is_postscore=is_postscore), side

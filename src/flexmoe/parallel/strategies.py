@@ -164,23 +164,25 @@ class ExpertParallelStrategy:
             if r > 1:  # every block of hidden columns sees every token: r copies, at positions q * Cb + j
                 slot_N = (slot_N + torch.arange(r, device=x_TM.device).unsqueeze(1) * Cb).view(-1)
                 filled_EC = filled_EC.repeat(1, r)
-            chunks = chunk_layout(
+            rows_layout = chunk_layout(
                 filled_EC.view(W * L, Cp).sum(-1),
                 world_size=W,
                 capacity=Cp,
                 d=d,
                 algorithm=self.plan.all_to_all,
             )
-            row_N = chunks.rows(slot_N)
+            row_N = rows_layout.rows(slot_N)
             if is_postscore:  # one gather of the token rows into the send buffer
-                send_SM = dispatch_to_rows(x_TM, routing.token_N.repeat(r), row_N, chunks.num_rows)
+                send_SM = dispatch_to_rows(x_TM, routing.token_N.repeat(r), row_N, rows_layout.num_rows)
             else:  # the rows scaled by their gate weights first
                 scaled_NM = dispatch_packed(x_TM, routing, is_postscore=False)
-                send_SM = pad_rows(scaled_NM.repeat(r, 1), row_N, chunks.num_rows)
+                send_SM = pad_rows(scaled_NM.repeat(r, 1), row_N, rows_layout.num_rows)
         with record_function("flexmoe.gather_weights"):
             weights = self.weights(dtype or x_TM.dtype)
         with record_function("flexmoe.exchange"):  # all-to-alls and the experts, pipelined
-            ret_SM, side = pipelined_expert_exchange(send_SM, chunks, weights, self.groups, beside=beside)
+            ret_SM, side = pipelined_expert_exchange(
+                send_SM, rows_layout, weights, self.groups, beside=beside
+            )
         with record_function("flexmoe.combine"):
             out_NM = unpad_rows(ret_SM, row_N)
             if r > 1:  # the r blocks' partial sums

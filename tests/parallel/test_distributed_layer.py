@@ -282,6 +282,44 @@ def test_2dh_layer_output_is_bit_identical_to_flat(pool):
     assert all(pool.run(two_dh_vs_flat_worker))
 
 
+def skewed_rows_worker(d: int) -> dict:
+    """Dropless routing skewed onto expert 0 (its queue several times the mean): the rows each flat
+    all-to-all of the token chunks carries, forward and backward."""
+    W, rank = dist.get_world_size(), dist.get_rank()
+    E, T = 2 * W, 24
+    case = dict(E=E, k=1, cf=0.0, act="relu", seed=11, tokens=[T] * W)
+    case["demand"] = [[T - 2 * (E - 1)] + [2] * (E - 1) for _ in range(W)]  # expert 0 takes most
+    layer = _make_layer(case)
+    sent: list[int] = []
+    real = layer.groups.all_to_all_rows_start
+
+    def counting(x, send_rows, recv_rows, **kwargs):
+        sent.append(sum(send_rows))
+        return real(x, send_rows, recv_rows, **kwargs)
+
+    layer.groups.all_to_all_rows_start = counting
+    x, probe = _inputs(case, rank)
+    y = layer(x, plan=Plan(r=1, d=d, all_to_all="flat"), **_outside_routing(case, rank))
+    forward = list(sent)
+    (y * probe).sum().backward()
+    # what this rank's 2 experts receive: every rank's demand for them
+    received = W * sum(case["demand"][rank][2 * rank : 2 * rank + 2])
+    capacity = layer.last_plan.capacity
+    return {"capacity": capacity, "received": received, "forward": forward, "backward": sent[len(forward) :]}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("d", [1, 2])
+def test_the_flat_exchange_carries_only_the_rows_that_hold_a_token(pool, d):
+    T, E = 24, 2 * pool.world_size
+    for res in pool.run(skewed_rows_worker, d):
+        assert res["capacity"] == T - 2 * (E - 1)  # a padded exchange would carry E times this
+        # to the experts and back, in d chunks each way: out go this rank's T assignments (k = 1), back
+        # go the rows its experts received
+        for rows in (res["forward"], res["backward"]):
+            assert len(rows) == 2 * d and sum(rows[:d]) == T and sum(rows[d:]) == res["received"], res
+
+
 def tuner_node_size_worker() -> int:
     layer = MoELayer(M, H, 2, seed=1, local_world_size=2)
     return layer.tuner.rank_plans.model.cluster.gpus_per_node

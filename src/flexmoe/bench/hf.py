@@ -242,6 +242,10 @@ def _expert_bytes(model, optimizer) -> int:
     return total
 
 
+# --dist with the tuner: warm-up rounds by default, enough for its exploration to finish on the bench
+# model (the timed rounds then see the plans it chose, as a training run does after its first steps)
+ADAPTIVE_WARMUP = 20
+
 # the variants of --dist: DDP around the whole model; flexmoe's sharding + DDP for the rest;
 # transformers' own EP + FSDP2 (DistributedConfig) with its token exchange, or with flexmoe's
 DIST_VARIANTS = ("ddp_grouped_mm", "flexmoe_sharded", "hf_ep_all_to_all", "hf_ep_flexmoe")
@@ -383,7 +387,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--backends", default=None, help="comma-separated (default: every registered one)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds")
-    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed rounds first")
+    parser.add_argument(
+        "--warmup",
+        type=nonnegative_int,
+        default=None,
+        help="untimed rounds first (default 1; 20 with --dist --plan adaptive, so that the tuner has "
+        "explored and its steady state is what is timed)",
+    )
     parser.add_argument(
         "--plan",
         default="adaptive",
@@ -417,7 +427,10 @@ def main(argv: list[str] | None = None) -> dict:
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    timing = dict(batch=args.batch, seq=args.seq, repeats=args.repeats, warmup=args.warmup, device=device)
+    warmup = args.warmup
+    if warmup is None:
+        warmup = ADAPTIVE_WARMUP if args.dist and args.plan == "adaptive" else 1
+    timing = dict(batch=args.batch, seq=args.seq, repeats=args.repeats, warmup=warmup, device=device)
     if args.dist:
         import torch.distributed as dist
 

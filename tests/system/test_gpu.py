@@ -61,3 +61,38 @@ def test_nccl_group_of_one_runs_every_plan():
             torch.testing.assert_close(layer(x, plan=plan), ref)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("kept_list", [[12, 11, 12, 10], [12, 11, 12, 5]])  # padded to 12 rows; not
+def test_packed_exchange_on_cuda_matches_cpu(d, kept_list):
+    """The packed layout's index work (runs, regrouping, zero-row padding) on the device, through the
+    pipelined exchange of one process, against the same on the CPU in float64."""
+    from flexmoe.ops.expert_ffn import ExpertWeights
+    from flexmoe.parallel.chunks import PackedChunks
+    from flexmoe.parallel.comm import ExpertGroups
+    from flexmoe.parallel.pipeline import pipelined_expert_exchange
+
+    L, Cp, width = 4, 12, 16
+    kept = torch.tensor(kept_list)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(int(kept.sum()), width, generator=g, dtype=torch.float64)
+    params = [
+        torch.randn(*s, generator=g, dtype=torch.float64)
+        for s in ((L, width, 8), (L, 8), (L, 8, width), (L, width))
+    ]
+    results = []
+    for device in ("cpu", "cuda"):
+        w = ExpertWeights(*(p.to(device).requires_grad_() for p in params), "gelu")
+        layout = PackedChunks(kept.to(device), world_size=1, capacity=Cp, d=d)
+        slot = (
+            (torch.arange(Cp, device=device) < kept.to(device).unsqueeze(1)).reshape(-1).nonzero().squeeze(1)
+        )
+        rows = layout.rows(slot)
+        send = torch.zeros(layout.num_rows, width, dtype=torch.float64, device=device)
+        send = send.index_copy(0, rows, x.to(device)).requires_grad_()
+        ret, _ = pipelined_expert_exchange(send, layout, w, ExpertGroups(None))
+        grads = torch.autograd.grad(ret.index_select(0, rows).pow(2).sum(), [send, w.w1_GMX, w.b2_GM])
+        results.append([ret.index_select(0, rows).detach().cpu(), *(t.cpu() for t in grads)])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

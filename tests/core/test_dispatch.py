@@ -3,14 +3,16 @@ against a plain per-assignment loop, in float64, values and gradients."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flexmoe.core.dispatch import dispatch_to_rows
 
 
-def test_dispatch_to_rows_matches_a_per_assignment_loop_with_gradients():
+@pytest.mark.parametrize("rows", [20, 7], ids=["some rows empty", "every row filled"])
+def test_dispatch_to_rows_matches_a_per_assignment_loop_with_gradients(rows):
     gen = torch.Generator().manual_seed(5)
-    T, M, rows = 7, 3, 20
+    T, M = 7, 3
     x = torch.randn(T, M, generator=gen, dtype=torch.float64, requires_grad=True)
     token_N = torch.tensor([0, 3, 3, 6, 2, 0, 5])  # a token may fill several rows; token 1 and 4 none
     row_N = torch.randperm(rows, generator=gen)[: token_N.numel()]  # any layout: distinct rows

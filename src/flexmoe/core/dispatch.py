@@ -117,6 +117,9 @@ class _GatherTokensIntoRows(torch.autograd.Function):
 def dispatch_to_rows(x_TM: torch.Tensor, token_N: torch.Tensor, row_N: torch.Tensor, num_rows: int):
     """[T, M] -> [num_rows, M]: token token_N[n]'s row at row row_N[n] (rows distinct), zeros elsewhere
     (post-score dispatch into any buffer layout)."""
+    if num_rows == token_N.shape[0]:  # every row holds a token: a plain gather, no zero row needed
+        source_S = torch.empty_like(token_N).index_copy_(0, row_N, token_N)
+        return x_TM.index_select(0, source_S)  # autograd keeps only the index
     source_S = torch.full((num_rows,), x_TM.shape[0], dtype=token_N.dtype, device=token_N.device)
     return _GatherTokensIntoRows.apply(x_TM, source_S.index_copy_(0, row_N, token_N))
 

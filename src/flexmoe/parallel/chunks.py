@@ -203,7 +203,7 @@ class PackedRoute:
         W, L = received_WL.shape
         self.send_rows = list(send_rows)
         self.recv_rows = received_WL.sum(1).tolist()
-        R = sum(self.recv_rows)
+        self.num_received = R = sum(self.recv_rows)
         sizes = tuple(received_WL.sum(0).tolist())
         n = max(sizes, default=0)
         self.padded = pays_to_pad(L * n - R, R, n * hidden_width)
@@ -217,14 +217,14 @@ class PackedRoute:
         run_R = torch.repeat_interleave(torch.arange(L * W, device=device), counts_LW, output_size=R)
         offset_R = torch.arange(R, device=device) - _exclusive_cumsum(counts_LW)[run_R]
         source = start_LW[run_R] + offset_R
-        flexible = torch.arange(R, device=device)
+        # where each flexible row goes among the rows multiplied (after each expert's padding, if any)
+        flexible = padded_slots(sizes, n, device) if self.padded else torch.arange(R, device=device)
+        self.inverse = torch.empty_like(flexible).index_copy_(0, source, flexible)
         if self.padded:  # every expert padded to n rows with copies of a zero row (row R, see to_experts)
-            flexible = padded_slots(sizes, n, device)
             source = source.new_full((L * n,), R).index_copy_(0, flexible, source)
             sizes = (n,) * L
         self.sizes = sizes
         self.source = source
-        self.inverse = torch.empty_like(flexible).index_copy_(0, source[flexible], flexible)
 
     def gather(self, received: torch.Tensor) -> torch.Tensor:
         return received if self.source is None else received.index_select(0, self.source)
@@ -233,7 +233,7 @@ class PackedRoute:
         return rows_NM if self.inverse is None else rows_NM.index_select(0, self.inverse)
 
     def to_experts(self, groups, chunk: torch.Tensor) -> AllToAllHandle:
-        R = sum(self.recv_rows)
+        R = self.num_received
         received = chunk.new_empty(R + self.padded, chunk.shape[1])  # padded: one zero row after the R
         if self.padded:
             received[R].zero_()

@@ -11,6 +11,7 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -75,12 +76,15 @@ class MoELayer(nn.Module):
         seed: int | None = None,
         dtype: torch.dtype | None = None,
         device=None,
+        build_experts: Callable[[ExpertLayout], nn.Module] | None = None,
         **settings,
     ):
         """`MoELayer(model_dim, hidden_dim, num_experts, **settings)`, any MoEConfig field a keyword,
         or `MoELayer(config=MoEConfig(...))`. The rest says where and how it runs: the process group
         (None: WORLD when initialised), the tuner, the cluster its cost model prices, a plan table to
-        start from, the seed of its parameters (None: drawn, the same on every rank), dtype, device."""
+        start from, the seed of its parameters (None: drawn, the same on every rank), dtype, device.
+        `build_experts(layout)`: the experts module over this layer's layout (core.experts.Experts'
+        interface) instead of drawing experts here, e.g. over parameters another model holds."""
         super().__init__()
         if config is None:
             config = MoEConfig.from_arguments(dims, settings)
@@ -125,7 +129,10 @@ class MoELayer(nn.Module):
             if c.gate is None
             else build_gate(c.gate, c.model_dim, c.num_experts, generator=gate_generator, device=device)
         )
-        self.experts = Experts(self.layout, seed=self.seed, bias=c.bias, dtype=dtype, device=device)
+        if build_experts is None:
+            self.experts = Experts(self.layout, seed=self.seed, bias=c.bias, dtype=dtype, device=device)
+        else:  # nothing drawn: a model that brings its experts does not pay for a throwaway set
+            self.experts = build_experts(self.layout)
         self.shared_experts = None
         if c.shared_hidden_dim:  # drawn after the gate from the same shared stream: identical on every rank
             self.shared_experts = SharedExperts(

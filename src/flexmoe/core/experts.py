@@ -46,28 +46,43 @@ def init_full_expert(expert: int, *, seed: int, model_dim: int, hidden_dim: int,
 class Experts(nn.Module):
     """This rank's 1/W of all expert parameters; the same tensors serve every plan."""
 
-    def __init__(self, layout: ExpertLayout, *, seed: int, bias: bool = True, dtype=None, device=None):
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        *,
+        seed: int | None = None,
+        shard: dict[str, torch.Tensor] | None = None,
+        bias: bool = True,
+        dtype=None,
+        device=None,
+    ):
+        """Drawn from `seed`, or copied from `shard` (this rank's part, as layout.shard cuts it)."""
         super().__init__()
+        if (seed is None) == (shard is None):
+            raise ValueError("Experts takes exactly one of seed= (draw) and shard= (copy)")
         self.layout = layout
         self.has_bias = bias
-        parts = [
-            layout.shard_expert(
-                init_full_expert(
-                    e,
-                    seed=seed,
-                    model_dim=layout.model_dim,
-                    hidden_dim=layout.hidden_dim,
-                    activation=layout.activation,
+        if shard is None:
+            parts = [
+                layout.shard_expert(
+                    init_full_expert(
+                        e,
+                        seed=seed,
+                        model_dim=layout.model_dim,
+                        hidden_dim=layout.hidden_dim,
+                        activation=layout.activation,
+                    )
                 )
-            )
-            for e in layout.local_expert_ids
-        ]
+                for e in layout.local_expert_ids
+            ]
+            shard = {name: torch.stack([p[name] for p in parts]) for name in EXPERT_PARAM_NAMES}
         dtype = dtype or torch.get_default_dtype()
         for name in EXPERT_PARAM_NAMES:
             if not bias and name.endswith("bias"):
                 self.register_parameter(name, None)
                 continue
-            value = torch.stack([p[name] for p in parts]).to(dtype=dtype, device=device)
+            # a copy: a given shard may view a larger tensor that its owner means to free
+            value = shard[name].to(dtype=dtype, device=device, copy=True)
             setattr(self, name, mark_expert(nn.Parameter(value)))
 
     @property

@@ -38,7 +38,7 @@ from flexmoe.layer import MoELayer
 
 EP_NAME = "flexmoe"
 # set from the model: routing, activation, biases, the group and where the parameters live
-_FROM_THE_MODEL = ("gate", "activation", "bias", "group", "dtype", "device", "top_k")
+_FROM_THE_MODEL = ("gate", "activation", "bias", "group", "dtype", "device", "top_k", "build_experts")
 
 
 class FlexMoEEP(EPImplementation):
@@ -77,10 +77,9 @@ class FlexMoEEP(EPImplementation):
             group=ep_mesh.get_group(),
             dtype=down.dtype,
             device=torch.device(ep_mesh.device_type),
+            build_experts=lambda layout: HostExperts(experts, layout),  # the module's own parameters
             **options,
         )
-        # the layer's own (freshly drawn) experts go: it runs on the module's parameters instead
-        self.layer.experts = HostExperts(experts, self.layer.layout)
         self.host = experts
         experts._flexmoe_ep = self  # a plain attribute (not a submodule): ep_layers(model) finds it
 
@@ -95,14 +94,53 @@ class FlexMoEEP(EPImplementation):
 def load_expert_parallel(path, *, ep_implementation: str = EP_NAME, **kwargs) -> nn.Module:
     """AutoModelForCausalLM.from_pretrained(path, **kwargs) under DistributedConfig(ep_size=W, fsdp_size=W,
     ep_implementation): transformers shards the experts over every rank (whole experts per rank),
-    applies FSDP2 to the rest and places the model on this rank's device."""
+    applies FSDP2 to the rest and places the model on this rank's device.
+
+    `path` is a local directory with a safetensors checkpoint; changes to the model's config go in
+    `config=` (AutoConfig.from_pretrained(path, ...)), not as keyword arguments. Each rank reads only
+    what it keeps (its experts, its FSDP2 rows of the rest) into the tensors the model keeps: its
+    host memory peaks at about 1/W of the expert bytes plus its share of the rest (see
+    rank_state_dict), besides what building the model costs (the "flexmoe" EP's throwaway init).
+    Raises ValueError for a checkpoint that does not fill the model (missing or mis-shaped tensors,
+    experts that do not stack) and, from transformers, for E % W != 0."""
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.distributed import DistributedConfig
 
+    from flexmoe.integrations.transformers.rank_state_dict import rank_state_dict
+    from flexmoe.integrations.transformers.safetensors_files import checkpoint_dir
+
+    for key in ("state_dict", "distributed_config"):
+        if key in kwargs:
+            raise ValueError(f"load_expert_parallel sets {key} itself; do not pass it")
+    path = checkpoint_dir(path)
+    want_info = kwargs.pop("output_loading_info", False)
+    remote = kwargs.get("trust_remote_code", False)
+    # transformers takes a state dict only without a path, so what it reads beside the weights comes here
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    if "generation_config" not in kwargs and (path / "generation_config.json").exists():
+        kwargs["generation_config"] = GenerationConfig.from_pretrained(path)
+    with torch.device("meta"):  # the layout only: parameter names and shapes, nothing allocated
+        layout = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+    state_dict = rank_state_dict(path, layout, key_mapping=kwargs.get("key_mapping"))
+    model_class = type(layout)  # the Auto class wants a path; the model's own class loads from a state dict
+    del layout
     W = dist.get_world_size()
     distributed = DistributedConfig(ep_size=W, fsdp_size=W, ep_implementation=ep_implementation)
-    return AutoModelForCausalLM.from_pretrained(path, distributed_config=distributed, **kwargs)
+    model, info = model_class.from_pretrained(
+        None,
+        config=config,
+        state_dict=state_dict,
+        distributed_config=distributed,
+        output_loading_info=True,
+        **kwargs,
+    )
+    model.config.name_or_path = str(path)
+    # transformers would warn and draw a random init; a checkpoint that does not fill the model is an error
+    unfilled = sorted(info["missing_keys"]) + [str(m) for m in sorted(info["mismatched_keys"])]
+    if unfilled:
+        raise ValueError(f"checkpoint at {str(path)!r} does not fill the model: {unfilled[:8]}")
+    return (model, info) if want_info else model
 
 
 def ep_layers(model: nn.Module) -> dict[str, MoELayer]:

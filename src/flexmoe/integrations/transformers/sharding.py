@@ -13,9 +13,12 @@ leaves them out of DDP's all-reduce; their gradient is that of the sum of all ra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from flexmoe.core.experts import Experts
 from flexmoe.core.layout import ExpertLayout
 from flexmoe.integrations.transformers.backend import BACKEND_NAME, check_supported, expert_weights
 from flexmoe.integrations.transformers.module_weights import is_transposed
@@ -47,6 +50,11 @@ def _set_implementation(model: nn.Module, name: str) -> None:
     model.set_experts_implementation(name)
 
 
+def _cut_from(full: dict[str, torch.Tensor], **experts_options) -> Callable[[ExpertLayout], Experts]:
+    """MoELayer's build_experts: this rank's shard of a module's full expert tensors (nothing drawn)."""
+    return lambda layout: Experts(layout, shard=layout.shard(full), **experts_options)
+
+
 @torch.no_grad()
 def shard_experts(model: nn.Module, *, group=None, **layer_options) -> nn.Module:
     """Shard every MoE block's experts over `group` (None: WORLD) into flexmoe's layout, in place.
@@ -56,7 +64,7 @@ def shard_experts(model: nn.Module, *, group=None, **layer_options) -> nn.Module
     modules = moe_experts_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no transformers experts module to shard")
-    for key in ("gate", "activation", "bias", "group", "dtype", "device"):
+    for key in ("gate", "activation", "bias", "group", "dtype", "device", "build_experts"):
         if key in layer_options:
             raise ValueError(f"shard_experts sets {key!r} from the model; do not pass it")
     layer_options.setdefault("capacity_factor", 0.0)  # the model's router expects every choice served
@@ -73,19 +81,6 @@ def shard_experts(model: nn.Module, *, group=None, **layer_options) -> nn.Module
         w = expert_weights(module)
         E, M, _ = w.w1_GMX.shape
         top_k = getattr(module.config, "num_experts_per_tok", None) or 1
-        layer = MoELayer(
-            M,
-            w.w2_GHM.shape[1],
-            E,
-            top_k=min(top_k, E),
-            gate=None,
-            activation=activation,
-            bias=w.b1_GX is not None,
-            group=group,
-            dtype=w.w1_GMX.dtype,
-            device=w.w1_GMX.device,
-            **layer_options,
-        )
         full = {
             "fc1_weight": w.w1_GMX,
             "fc2_weight": w.w2_GHM,
@@ -93,9 +88,22 @@ def shard_experts(model: nn.Module, *, group=None, **layer_options) -> nn.Module
             "fc1_bias": w.b1_GX if w.b1_GX is not None else w.w1_GMX.new_zeros(E, w.w1_GMX.shape[2]),
             "fc2_bias": w.b2_GM if w.b2_GM is not None else w.w1_GMX.new_zeros(E, M),
         }
-        shard = layer.layout.shard(full)
-        for key, param in layer.experts.named_parameters(recurse=False):
-            param.copy_(shard[key])
+        bias, dtype, device = w.b1_GX is not None, w.w1_GMX.dtype, w.w1_GMX.device
+        layer = MoELayer(
+            M,
+            w.w2_GHM.shape[1],
+            E,
+            top_k=min(top_k, E),
+            gate=None,
+            activation=activation,
+            bias=bias,
+            group=group,
+            dtype=dtype,
+            device=device,
+            build_experts=_cut_from(full, bias=bias, dtype=dtype, device=device),
+            **layer_options,
+        )
+        for param in layer.experts.parameters(recurse=False):
             param.requires_grad_(w.w1_GMX.requires_grad)
         for hf_name in _hf_names(module):
             if hf_name is not None:

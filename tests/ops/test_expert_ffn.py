@@ -74,3 +74,51 @@ def test_sizes_must_cover_the_rows():
     params = _weights(2, "gelu", bias=True)
     with pytest.raises(ValueError, match="sizes"):
         grouped_expert_ffn(torch.zeros(5, M, dtype=torch.float64), ExpertWeights(*params, "gelu"), (2, 2))
+
+
+def _packed_reference(x_TM, token_N, weight_N, params, sizes, kind, *, postscore: bool):
+    """y_t = sum over assignments n of token t of s_n * f_g(x_t) (postscore) or f_g(s_n * x_t)."""
+    w1, b1, w2, b2 = params
+    y = [torch.zeros(M, dtype=x_TM.dtype) for _ in range(x_TM.shape[0])]
+    n = 0
+    for g, count in enumerate(sizes):
+        for _ in range(count):
+            t, s = int(token_N[n]), weight_N[n]
+            x = x_TM[t] if postscore else s * x_TM[t]
+            h = x @ w1[g] + (b1[g] if b1 is not None else 0)
+            out = reference_activation(kind, h) @ w2[g] + (b2[g] if b2 is not None else 0)
+            y[t] = y[t] + (s * out if postscore else out)
+            n += 1
+    return torch.stack(y)
+
+
+@pytest.mark.parametrize("kind", ["gelu", "relu", "swiglu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("postscore", [True, False])
+@pytest.mark.parametrize("pad", [False, True], ids=["grouped", "padded-to-equal-groups"])
+@pytest.mark.parametrize("block_elements", [1, 1 << 20], ids=["block-per-group", "one-block"])
+def test_packed_moe_matches_a_per_assignment_loop(kind, bias, postscore, pad, block_elements, monkeypatch):
+    """The fused gather -> FFN -> gate scaling -> combine, values and every gradient (the gate weights'
+    included), whether groups are padded to one batched GEMM per block or not."""
+    monkeypatch.setattr(expert_ffn, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(expert_ffn, "pays_to_pad", lambda *args: pad)
+    T, sizes = 7, (4, 3, 0, 4)
+    gen = torch.Generator().manual_seed(1)
+    params = _weights(len(sizes), kind, bias=bias, seed=2)
+    x = torch.randn(T, M, generator=gen, dtype=torch.float64, requires_grad=True)
+    token_N = torch.randint(0, T, (sum(sizes),), generator=gen)
+    weight_N = (0.5 + torch.rand(sum(sizes), generator=gen, dtype=torch.float64)).requires_grad_()
+    probe = torch.randn(T, M, generator=gen, dtype=torch.float64)
+    leaves = [x, weight_N, *(p for p in params if p is not None)]
+
+    def ours():
+        w = ExpertWeights(*params, kind)
+        return expert_ffn.packed_moe(x, token_N, weight_N, w, sizes, is_postscore=postscore)
+
+    got = ours()
+    want = _packed_reference(x, token_N, weight_N, params, sizes, kind, postscore=postscore)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    got_grads = torch.autograd.grad((got * probe).sum(), leaves)
+    want_grads = torch.autograd.grad((want * probe).sum(), leaves, allow_unused=True)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, rtol=0, atol=1e-10)

@@ -48,6 +48,22 @@ def activation_backward(kind: str, grad_RH: torch.Tensor, hpre_RX: torch.Tensor,
     return torch.cat([grad_gate, grad_RH * F.silu(gate_RH)], dim=-1)
 
 
+# What forward keeps for backward is "hpre", the pre-activation, from which backward recomputes the
+# activation. ReLU's backward needs only its output (the mask act > 0) and relu(relu(h)) = relu(h),
+# so for ReLU forward activates hpre in place: the kept tensor is the activation itself, one [R, H]
+# tensor and one pass fewer in forward, and nothing to recompute in backward.
+
+
+def activate_kept(kind: str, hpre_RX: torch.Tensor) -> torch.Tensor:
+    """The activation in forward; for ReLU written over hpre_RX, which forward then keeps."""
+    return hpre_RX.clamp_min_(0) if kind == "relu" else activation_forward(kind, hpre_RX)
+
+
+def activation_from_kept(kind: str, kept_RX: torch.Tensor) -> torch.Tensor:
+    """The activation in backward, from what forward kept (activate_kept)."""
+    return kept_RX if kind == "relu" else activation_forward(kind, kept_RX)
+
+
 @dataclass(frozen=True)
 class ExpertWeights:
     """One plan's view of the expert weights (local shards, or gathered blocks)."""
@@ -107,7 +123,8 @@ def ffn_forward(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, ...]):
     """Returns (out_RM, hpre_RX); rows of group g are x_RM[start_g : start_g + sizes[g]].
 
     The activation is a temporary: backward recomputes it from hpre (one element-wise pass, ~1% of
-    the GEMMs' time) instead of keeping a second [R, H] tensor alive until then.
+    the GEMMs' time) instead of keeping a second [R, H] tensor alive until then; for ReLU the kept
+    hpre is the activation itself (activate_kept).
     """
     R, G = x_RM.shape[0], w.num_groups
     n = _uniform_size(sizes, R)
@@ -118,7 +135,7 @@ def ffn_forward(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, ...]):
             if w.b1_GX is None
             else torch.baddbmm(w.b1_GX.unsqueeze(1), x_GnM, w.w1_GMX)
         )
-        act = activation_forward(w.activation, hpre)
+        act = activate_kept(w.activation, hpre)
         out = (
             torch.bmm(act, w.w2_GHM)
             if w.b2_GM is None
@@ -131,7 +148,7 @@ def ffn_forward(x_RM: torch.Tensor, w: ExpertWeights, sizes: tuple[int, ...]):
     for block in _blocks(sizes, hpre.shape[1]):
         rows = slice(block.lo, block.hi)
         _block_linear(hpre[rows], x_RM[rows], block, w.w1_GMX, w.b1_GX)
-        act = activation_forward(w.activation, hpre[rows])
+        act = activate_kept(w.activation, hpre[rows])
         _block_linear(out[rows], act, block, w.w2_GHM, w.b2_GM)
     return out, hpre
 
@@ -179,6 +196,18 @@ def _block_weight_grads(grad_w_GKN, grad_b_GN, a_BK: torch.Tensor, g_BN: torch.T
             torch.sum(g_BN[rows], 0, out=grad_b_GN[g])
 
 
+def _block_bias_dot(g_BN: torch.Tensor, b_GN: torch.Tensor, block: _Block) -> torch.Tensor:
+    """<row of g, b[the row's group]> for every row of the block (one batched GEMM where it can)."""
+    batched = _consecutive_equal(block)
+    if batched is not None:
+        g0, G, n = batched
+        return torch.bmm(g_BN.view(G, n, -1), b_GN[g0 : g0 + G].unsqueeze(2)).view(-1)
+    out = g_BN.new_empty(g_BN.shape[0])
+    for g, lo, hi in block.groups:
+        torch.mv(g_BN[lo - block.lo : hi - block.lo], b_GN[g], out=out[lo - block.lo : hi - block.lo])
+    return out
+
+
 def _linear_into(out_RN: torch.Tensor, x_RK: torch.Tensor, w_KN: torch.Tensor, b_N: torch.Tensor | None):
     if b_N is None:
         torch.mm(x_RK, w_KN, out=out_RN)
@@ -222,7 +251,7 @@ def ffn_backward(
     if n is not None:
         go_GnM = grad_out_RM.reshape(G, n, -1)
         hpre_GnX, x_GnM = hpre_RX.view(G, n, -1), x_RM.view(G, n, -1)
-        act_GnH = activation_forward(w.activation, hpre_GnX)  # recomputed: forward kept only hpre
+        act_GnH = activation_from_kept(w.activation, hpre_GnX)  # forward kept only hpre
         grad_act = torch.bmm(go_GnM, w.w2_GHM.transpose(1, 2))
         grad_h = activation_backward(w.activation, grad_act, hpre_GnX, act_GnH)
         if need_weight_grads:
@@ -242,7 +271,7 @@ def ffn_backward(
     # block by block: the hidden-size gradients of a block stay in cache between their uses
     for block in _blocks(sizes, hpre_RX.shape[1]):
         rows = slice(block.lo, block.hi)
-        act = activation_forward(w.activation, hpre_RX[rows])  # recomputed: forward kept only hpre
+        act = activation_from_kept(w.activation, hpre_RX[rows])  # forward kept only hpre
         grad_act = act.new_empty(act.shape)
         _block_linear(grad_act, grad_out_RM[rows], block, w.w2_GHM.transpose(1, 2), None)
         grad_h = activation_backward(w.activation, grad_act, hpre_RX[rows], act)
@@ -327,7 +356,7 @@ def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscor
         x_B = _gather_rows(x_TM, token_N[rows], None if is_postscore else scale_N[rows])
         hpre_B = hpre_NX[rows] if keep_hpre else x_B.new_empty(block.hi - block.lo, X)
         _block_linear(hpre_B, x_B, block, w.w1_GMX, w.b1_GX)
-        act_B = activation_forward(w.activation, hpre_B)
+        act_B = activate_kept(w.activation, hpre_B)
         out_B = x_B.new_empty(act_B.shape[0], y_TM.shape[1])
         _block_linear(out_B, act_B, block, w.w2_GHM, w.b2_GM)
         if is_postscore:
@@ -401,15 +430,14 @@ class PackedMoE(torch.autograd.Function):
             s_B1 = scale_N[rows].unsqueeze(1)
             gy_B = grad_y_TM.index_select(0, token_N[rows])  # gradient of the block's (scaled) outputs
             hpre_B = hpre_NX[rows]
-            act_B = activation_forward(w.activation, hpre_B)  # recomputed
+            act_B = activation_from_kept(w.activation, hpre_B)
             grad_act = act_B.new_empty(act_B.shape)
             _block_linear(grad_act, gy_B, block, w.w2_GHM.transpose(1, 2), None)  # gy @ w2^T
             if post:
                 if need_s:  # <gy, out> without out: <gy @ w2^T, act> + <gy, b2>
                     ds = _rowdot(grad_act, act_B)
                     if b2 is not None:
-                        for g, lo, hi in block.groups:
-                            ds[lo - block.lo : hi - block.lo] += gy_B[lo - block.lo : hi - block.lo] @ b2[g]
+                        ds += _block_bias_dot(gy_B, b2, block)
                     grad_s[rows] = ds
                 grad_act.mul_(s_B1)
                 gy_B.mul_(s_B1)  # now the gradient of the unscaled expert outputs

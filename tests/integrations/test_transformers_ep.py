@@ -3,8 +3,8 @@ ranks, float64 (DeepSeek-V3 float32): a few SGD steps on per-rank batches give t
 eager process trained on the union of the batches, as transformers' own "all_to_all" EP does, with
 - ep_implementation="flexmoe" (flexmoe's plans and tuner over transformers' EP group), adaptive,
   and fixed plans registered under names of their own (r = 1 pipelined in 2 chunks; r = 0);
-- experts_implementation="flexmoe" under transformers' "all_to_all" (local experts), GPT-OSS's
-  custom gate included.
+- experts_implementation="flexmoe" under transformers' "all_to_all" (local experts);
+GPT-OSS's custom gate under both.
 
 The one-process reference: SGD on the mean of the ranks' losses. torch 2.13's FSDP2 divides a
 float64 expert gradient by the EP divide factor twice when each expert has one copy (efsdp_size 1:
@@ -155,15 +155,17 @@ def test_flexmoe_ep_data_parallel_plan(pool, saved):
 
 
 @pytest.mark.timeout(300)
-def test_gpt_oss_custom_gate_under_transformers_ep(pool, saved):
-    """GPT-OSS's experts run in the flexmoe backend under transformers' "all_to_all"; the flexmoe EP
-    implementation, whose plans run flexmoe's fused FFN, refuses them with the way out."""
+def test_gpt_oss_custom_gate_trains_like_one_process(pool, saved):
+    """GPT-OSS's own gate (interleaved gate/up columns, clamps, biases) runs between flexmoe's
+    grouped GEMMs: in the flexmoe backend under transformers' "all_to_all", and under the flexmoe EP
+    in every kind of plan (the tuner's, r = 1 pipelined in 2 chunks, r = 0 on gathered weights)."""
     want = _native_reference(pool, saved["gpt_oss"], "gpt_oss")
-    got = _losses(pool.run(train_worker, saved["gpt_oss"], "flexmoe", "all_to_all"))
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-    refused = pool.run(train_worker, saved["gpt_oss"], "flexmoe", "flexmoe")
-    for r in refused:
-        assert "_apply_gate" in r["error"] and "all_to_all" in r["error"], r
+    for experts, ep in [("flexmoe", "all_to_all"), ("eager", "flexmoe"), ("eager", "flexmoe_r1_d2")]:
+        got = _losses(pool.run(train_worker, saved["gpt_oss"], experts, ep))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=f"{experts}/{ep}")
+    per_rank = pool.run(train_worker, saved["gpt_oss"], "eager", "flexmoe_r0")
+    torch.testing.assert_close(_losses(per_rank), want, rtol=0, atol=1e-10)
+    assert per_rank[0]["r"] == [0]
 
 
 def test_registration_and_bad_options():

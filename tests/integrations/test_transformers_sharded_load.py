@@ -28,7 +28,7 @@ RUNS = {  # (experts_implementation, ep_implementation)
     "qwen3_moe": ("eager", "flexmoe"),
     "mixtral": ("eager", "flexmoe"),
     "deepseek_v3": ("eager", "flexmoe"),
-    "gpt_oss": ("flexmoe", "all_to_all"),  # its custom gate runs under transformers' own EP only
+    "gpt_oss": ("eager", "flexmoe"),  # its own gate between flexmoe's GEMMs
 }
 
 

@@ -122,3 +122,38 @@ def test_packed_moe_matches_a_per_assignment_loop(kind, bias, postscore, pad, bl
     want_grads = torch.autograd.grad((want * probe).sum(), leaves, allow_unused=True)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, rtol=0, atol=1e-10)
+
+
+def _clamped_interleaved_gate(h_RX: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS-like: gate and up columns interleaved, both clamped, (up + 1) * gate * sigmoid(1.7 gate)."""
+    gate, up = h_RX[..., ::2].clamp(max=0.7), h_RX[..., 1::2].clamp(-0.7, 0.7)
+    return (up + 1) * gate * torch.sigmoid(1.7 * gate)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["grouped-ffn", "packed-moe"])
+@pytest.mark.parametrize("sizes", [(3, 0, 5, 1), (4, 4, 4)], ids=["uneven-with-empty", "uniform-batched"])
+def test_custom_activation_matches_row_by_row_reference(fused, sizes, monkeypatch):
+    """Code as the activation (a model's own gate) between the grouped GEMMs, differentiated through
+    autograd: values and gradients equal a row-by-row float64 reference, clamps binding."""
+    monkeypatch.setattr(expert_ffn, "_BLOCK_ELEMENTS", 3 * H)  # several blocks
+    custom = expert_ffn.CustomActivation("clamped", _clamped_interleaved_gate)
+    params = _weights(len(sizes), "swiglu", bias=True, seed=3)  # fc1 2H wide, as a gated expert's
+    R, gen = sum(sizes), torch.Generator().manual_seed(5)
+    x = torch.randn(R, M, generator=gen, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(R, M, generator=gen, dtype=torch.float64)
+    weight_N = torch.ones(R, dtype=torch.float64)
+    token_N = torch.arange(R)  # one assignment per row: packed_moe's output is the FFN's
+    w = ExpertWeights(*params, custom)
+    got = expert_ffn.packed_moe(x, token_N, weight_N, w, sizes) if fused else grouped_expert_ffn(x, w, sizes)
+    w1, b1, w2, b2 = params
+    rows, g_of = [], [g for g, n in enumerate(sizes) for _ in range(n)]
+    for r, g in enumerate(g_of):
+        rows.append(_clamped_interleaved_gate(x[r] @ w1[g] + b1[g]) @ w2[g] + b2[g])
+    want = torch.stack(rows)
+    assert bool(((x @ w1[0] + b1[0]).abs() > 0.7).any())  # the clamps bind somewhere
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    leaves = [x, *params]
+    got_grads = torch.autograd.grad((got * probe).sum(), leaves)
+    want_grads = torch.autograd.grad((want * probe).sum(), leaves, allow_unused=True)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=0, atol=1e-10)

@@ -14,6 +14,7 @@ reuses `ffn_forward` / `ffn_backward` chunk by chunk. Groups of equal size take 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,25 @@ import torch.nn.functional as F
 from flexmoe.ops.amp import amp_backward, amp_forward
 
 
-def activation_forward(kind: str, hpre_RX: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class CustomActivation:
+    """An activation given as code, e.g. a model's own gating (GPT-OSS's clamped, interleaved
+    SwiGLU): `fn(hpre_RX) -> act_RH`, without parameters of its own, row by row (an output row depends
+    on its input row alone: the FFN cuts rows into blocks and chunks). Its backward runs through
+    autograd, from hpre; the GEMMs around it stay flexmoe's grouped ones."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+Activation = str | CustomActivation  # a fused activation's name, or code
+
+
+def activation_forward(kind: Activation, hpre_RX: torch.Tensor, *, out: torch.Tensor | None = None):
     """activation(hpre), written into `out` when given (no temporary)."""
+    if isinstance(kind, CustomActivation):
+        act_RH = kind.fn(hpre_RX)
+        return act_RH if out is None else out.copy_(act_RH)
     if kind == "gelu":
         return F.gelu(hpre_RX) if out is None else torch.ops.aten.gelu.out(hpre_RX, out=out)
     if kind == "relu":
@@ -36,7 +54,11 @@ def activation_forward(kind: str, hpre_RX: torch.Tensor, *, out: torch.Tensor | 
     raise ValueError(f"activation must be one of ('gelu', 'relu', 'silu', 'swiglu'), got {kind!r}")
 
 
-def activation_backward(kind: str, grad_RH: torch.Tensor, hpre_RX: torch.Tensor, act_RH: torch.Tensor):
+def activation_backward(kind: Activation, grad_RH: torch.Tensor, hpre_RX: torch.Tensor, act_RH: torch.Tensor):
+    if isinstance(kind, CustomActivation):  # its graph, built again from hpre
+        with torch.enable_grad():
+            h_RX = hpre_RX.detach().requires_grad_()
+            return torch.autograd.grad(kind.fn(h_RX), h_RX, grad_RH)[0]
     if kind == "gelu":
         return torch.ops.aten.gelu_backward(grad_RH, hpre_RX)
     if kind == "relu":
@@ -54,12 +76,12 @@ def activation_backward(kind: str, grad_RH: torch.Tensor, hpre_RX: torch.Tensor,
 # tensor and one pass fewer in forward, and nothing to recompute in backward.
 
 
-def activate_kept(kind: str, hpre_RX: torch.Tensor) -> torch.Tensor:
+def activate_kept(kind: Activation, hpre_RX: torch.Tensor) -> torch.Tensor:
     """The activation in forward; for ReLU written over hpre_RX, which forward then keeps."""
     return hpre_RX.clamp_min_(0) if kind == "relu" else activation_forward(kind, hpre_RX)
 
 
-def activation_from_kept(kind: str, kept_RX: torch.Tensor) -> torch.Tensor:
+def activation_from_kept(kind: Activation, kept_RX: torch.Tensor) -> torch.Tensor:
     """The activation in backward, from what forward kept (activate_kept)."""
     return kept_RX if kind == "relu" else activation_forward(kind, kept_RX)
 
@@ -72,7 +94,7 @@ class ExpertWeights:
     b1_GX: torch.Tensor | None
     w2_GHM: torch.Tensor
     b2_GM: torch.Tensor | None
-    activation: str
+    activation: Activation
 
     @property
     def num_groups(self) -> int:
@@ -288,7 +310,7 @@ class GroupedExpertFFN(torch.autograd.Function):
 
     @staticmethod
     @amp_forward(cast_inputs=True)  # out= GEMMs: run in the autocast dtype, autocast off
-    def forward(ctx, x_RM, w1_GMX, b1_GX, w2_GHM, b2_GM, sizes: tuple[int, ...], activation: str):
+    def forward(ctx, x_RM, w1_GMX, b1_GX, w2_GHM, b2_GM, sizes: tuple[int, ...], activation: Activation):
         w = ExpertWeights(w1_GMX, b1_GX, w2_GHM, b2_GM, activation)
         out, hpre = ffn_forward(x_RM, w, sizes)
         ctx.save_for_backward(x_RM, hpre, w1_GMX, b1_GX, w2_GHM, b2_GM)
@@ -389,7 +411,7 @@ class PackedMoE(torch.autograd.Function):
         w2,
         b2,
         sizes,
-        activation: str,
+        activation: Activation,
         is_postscore: bool,
         keep_hpre: bool,
         padded: bool,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from flexmoe.ops.amp import amp_backward, amp_forward
-from flexmoe.ops.expert_ffn import ExpertWeights, ffn_backward, ffn_forward
+from flexmoe.ops.expert_ffn import Activation, ExpertWeights, ffn_backward, ffn_forward
 
 
 class Exchange:
@@ -81,7 +81,7 @@ class PipelinedExpertExchange(torch.autograd.Function):
 
     @staticmethod
     @amp_forward(cast_inputs=True)  # tokens and weights in the autocast dtype: what travels is low precision
-    def forward(ctx, send_or_token, exchange, layout, w1, b1, w2, b2, groups, activation: str):
+    def forward(ctx, send_or_token, exchange, layout, w1, b1, w2, b2, groups, activation: Activation):
         # StartExchange's node (None: no gradient flows to it), whose backward waits for the gradient
         # chunks this backward starts; the token is already in the autocast dtype, so not recast here
         ctx.started = exchange is not None

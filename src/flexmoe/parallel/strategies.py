@@ -79,7 +79,7 @@ def gather_weights(experts: Experts, group, size: int, dtype: torch.dtype | None
     if b1 is not None:
         b1 = _join_hidden_blocks(per_expert(b1).unsqueeze(2), act, fc1=True).squeeze(1)
         b2 = per_expert(b2).permute(1, 0, 2).reshape(experts_out, -1)
-    return ExpertWeights(w1, b1, w2, b2, act)
+    return ExpertWeights(w1, b1, w2, b2, experts.activation)  # the experts' own (code, for a host's)
 
 
 class LocalStrategy:

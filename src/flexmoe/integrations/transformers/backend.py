@@ -20,7 +20,7 @@ from transformers.integrations import moe as hf_moe
 from flexmoe.core.routing import routing_from_topk
 from flexmoe.integrations.transformers.generic_experts import generic_experts_forward
 from flexmoe.integrations.transformers.module_weights import fc_weights
-from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
+from flexmoe.ops.expert_ffn import Activation, CustomActivation, ExpertWeights, packed_moe
 
 BACKEND_NAME = "flexmoe"
 
@@ -78,9 +78,30 @@ def check_supported(module: nn.Module) -> str:
     return "swiglu" if getattr(module, "has_gate", True) else _activation_kind(module.act_fn)
 
 
+def module_activation(module: nn.Module) -> Activation:
+    """What runs between the experts' two GEMMs: flexmoe's fused activation when it computes the
+    module's exactly, else the module's own code (`_apply_gate`, or `act_fn` without a gate)."""
+    reason = unfused_reason(module)
+    if reason is None:
+        return check_supported(module)
+    if getattr(module, "has_post_expert_norm", False):  # a norm with parameters after fc2, not between
+        raise ValueError(f"{reason}: flexmoe's FFN runs code only between the two GEMMs")
+    gated = getattr(module, "has_gate", True)
+    return CustomActivation(type(module).__name__, module._apply_gate if gated else module.act_fn)
+
+
+def layout_activation(module: nn.Module) -> str:
+    """The activation that gives flexmoe's expert layout the module's fc1 width: "swiglu" for 2I
+    columns (whatever their order; the module's code reads them), its own for I."""
+    activation = module_activation(module)
+    if isinstance(activation, str):
+        return activation
+    return "swiglu" if getattr(module, "has_gate", True) else "gelu"
+
+
 def expert_weights(module: nn.Module) -> ExpertWeights:
     """The module's expert parameters as flexmoe's fc1 [E, M, X], fc2 [E, I, M] (views, no copies)."""
-    return ExpertWeights(*fc_weights(module), check_supported(module))
+    return ExpertWeights(*fc_weights(module), module_activation(module))
 
 
 def local_routing(module: nn.Module, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -124,7 +145,9 @@ __all__ = [
     "check_supported",
     "expert_weights",
     "flexmoe_experts_forward",
+    "layout_activation",
     "local_routing",
+    "module_activation",
     "register",
     "unfused_reason",
 ]

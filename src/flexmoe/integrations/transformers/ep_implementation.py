@@ -17,9 +17,10 @@ under transformers' "all_to_all"; FSDP2 then divides it as it does for that one.
 
 Limits: whole experts per rank only (transformers refuses E % W != 0, and so E < W, when it shards;
 flexmoe's shard_experts splits an expert's hidden dim when E < W); tp_size == 1; the experts run in
-flexmoe's fused FFN (SwiGLU, or SiLU / ReLU / erf GELU without a gate), whatever
-experts_implementation says: custom gates (GPT-OSS) run under ep_implementation="all_to_all" with
-experts_implementation="flexmoe" instead.
+flexmoe's grouped FFN whatever experts_implementation says: its fused activation where it computes
+the module's (SwiGLU, or SiLU / ReLU / erf GELU without a gate), else the module's own code between
+the GEMMs (a custom gate such as GPT-OSS's, through autograd: ops.expert_ffn.CustomActivation); a
+norm after each expert is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
 
-from flexmoe.integrations.transformers.backend import check_supported
+from flexmoe.integrations.transformers.backend import layout_activation
 from flexmoe.integrations.transformers.host_experts import HostExperts
 from flexmoe.integrations.transformers.module_weights import is_transposed
 from flexmoe.layer import MoELayer
@@ -59,7 +60,7 @@ class FlexMoEEP(EPImplementation):
             raise ValueError(
                 f"{name}: ep_implementation='flexmoe' needs experts sharded by transformers' EP plan"
             )
-        activation = check_supported(experts)
+        activation = layout_activation(experts)  # the module's own code runs (HostExperts)
         W = ep_mesh.size()
         down = experts.down_proj  # global shape [E, M, I] ([E, I, M] transposed), a DTensor here
         M, I = (down.shape[2], down.shape[1]) if is_transposed(experts) else (down.shape[1], down.shape[2])

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from flexmoe.core.layout import ExpertLayout
-from flexmoe.integrations.transformers.backend import expert_weights
-from flexmoe.ops.expert_ffn import ExpertWeights
+from flexmoe.integrations.transformers.backend import expert_weights, module_activation
+from flexmoe.ops.expert_ffn import Activation, ExpertWeights
 
 
 class HostExperts(nn.Module):
@@ -35,8 +35,9 @@ class HostExperts(nn.Module):
         self.has_bias = bool(getattr(host, "has_bias", False))
 
     @property
-    def activation(self) -> str:
-        return self.layout.activation
+    def activation(self) -> Activation:
+        """The module's own: a fused activation, or its code (a custom gate such as GPT-OSS's)."""
+        return module_activation(self._host[0])
 
     def _weights(self) -> ExpertWeights:
         return expert_weights(self._host[0])

@@ -242,9 +242,11 @@ def _expert_bytes(model, optimizer) -> int:
     return total
 
 
-# --dist with the tuner: warm-up rounds by default, enough for its exploration to finish on the bench
-# model (the timed rounds then see the plans it chose, as a training run does after its first steps)
-ADAPTIVE_WARMUP = 20
+# --dist: warm-up rounds by default, so that the timed rounds see every variant's steady state: the
+# native EP's first steps run 10-30% slower (a single warm-up step inflated flexmoe's lead to
+# 1.25-1.43x), and the tuner's exploration of a new bucket lasts up to max_candidates x (1 cold +
+# max_trials warm) = 28 steps with the defaults (its layers decided at steps 23-26 at W = 2)
+DIST_WARMUP = 40
 
 # the variants of --dist: DDP around the whole model; flexmoe's sharding + DDP for the rest;
 # transformers' own EP + FSDP2 (DistributedConfig) with its token exchange, or with flexmoe's
@@ -391,8 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--warmup",
         type=nonnegative_int,
         default=None,
-        help="untimed rounds first (default 1; 20 with --dist --plan adaptive, so that the tuner has "
-        "explored and its steady state is what is timed)",
+        help="untimed rounds first (default 1; 40 with --dist, so that every variant is warm and the tuner "
+        "has explored: the timed rounds see the steady state)",
     )
     parser.add_argument(
         "--plan",
@@ -429,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     warmup = args.warmup
     if warmup is None:
-        warmup = ADAPTIVE_WARMUP if args.dist and args.plan == "adaptive" else 1
+        warmup = DIST_WARMUP if args.dist else 1
     timing = dict(batch=args.batch, seq=args.seq, repeats=args.repeats, warmup=warmup, device=device)
     if args.dist:
         import torch.distributed as dist

@@ -62,7 +62,8 @@ class Experts(nn.Module):
             raise ValueError("Experts takes exactly one of seed= (draw) and shard= (copy)")
         self.layout = layout
         self.has_bias = bias
-        if shard is None:
+        given = shard is not None
+        if not given:
             parts = [
                 layout.shard_expert(
                     init_full_expert(
@@ -81,8 +82,8 @@ class Experts(nn.Module):
             if not bias and name.endswith("bias"):
                 self.register_parameter(name, None)
                 continue
-            # a copy: a given shard may view a larger tensor that its owner means to free
-            value = shard[name].to(dtype=dtype, device=device, copy=True)
+            # a given shard is copied: it may view a larger tensor that its owner means to free
+            value = shard[name].to(dtype=dtype, device=device, copy=given)
             setattr(self, name, mark_expert(nn.Parameter(value)))
 
     @property

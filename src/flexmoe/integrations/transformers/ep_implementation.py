@@ -101,7 +101,7 @@ def load_expert_parallel(path, *, ep_implementation: str = EP_NAME, **kwargs) ->
     `config=` (AutoConfig.from_pretrained(path, ...)), not as keyword arguments. Each rank reads only
     what it keeps (its experts, its FSDP2 rows of the rest) into the tensors the model keeps: its
     host memory peaks at about 1/W of the expert bytes plus its share of the rest (see
-    rank_state_dict), besides what building the model costs (the "flexmoe" EP's throwaway init).
+    rank_state_dict).
     Raises ValueError for a checkpoint that does not fill the model (missing or mis-shaped tensors,
     experts that do not stack) and, from transformers, for E % W != 0."""
     import torch.distributed as dist

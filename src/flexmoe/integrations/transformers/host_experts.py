@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from flexmoe.core.layout import ExpertLayout
-from flexmoe.integrations.transformers.backend import expert_weights, module_activation
+from flexmoe.integrations.transformers.backend import module_activation
+from flexmoe.integrations.transformers.module_weights import fc_weights
 from flexmoe.ops.expert_ffn import Activation, ExpertWeights
 
 
@@ -33,14 +34,16 @@ class HostExperts(nn.Module):
         self.layout = layout
         self._host = (host,)  # a tuple hides it from nn.Module: the host owns and saves its parameters
         self.has_bias = bool(getattr(host, "has_bias", False))
+        # the module's own: a fused activation, or its code (a custom gate such as GPT-OSS's); found
+        # once, not on every access of a weight
+        self._activation = module_activation(host)
 
     @property
     def activation(self) -> Activation:
-        """The module's own: a fused activation, or its code (a custom gate such as GPT-OSS's)."""
-        return module_activation(self._host[0])
+        return self._activation
 
     def _weights(self) -> ExpertWeights:
-        return expert_weights(self._host[0])
+        return ExpertWeights(*fc_weights(self._host[0]), self._activation)
 
     @property
     def fc1_weight(self) -> torch.Tensor:

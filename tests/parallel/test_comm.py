@@ -12,6 +12,7 @@ Worker functions live at module level so spawned ranks can import them by name.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import time
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from flexmoe.parallel.agreement import agree_fields, int_field
 from flexmoe.parallel.comm import (
     ExpertGroups,
+    FinishedWork,
     _inherited_timeout,
     all_gather_shards,
     all_to_all,
@@ -90,14 +92,23 @@ def all_to_all_grad_worker(algorithm: str) -> dict:
     return {"x": x.detach(), "out": out.detach(), "weight": weight, "grad": x.grad}
 
 
+def _finished_works_alive() -> int:
+    gc.collect()
+    return sum(isinstance(o, FinishedWork) for o in gc.get_objects())
+
+
 def gather_worker(size: int) -> dict:
     rank, W = dist.get_rank(), dist.get_world_size()
     groups = ExpertGroups(None, shards_per_expert=W)
     shard = _random((2, 3), torch.float64, _seed(rank, 80)).requires_grad_(True)
+    alive = _finished_works_alive()
     gathered = all_gather_shards(shard, groups.block_group(size))
     coeff = _random(tuple(gathered.shape), torch.float64, _seed(rank, 81))
     (gathered * coeff).sum().backward()
-    return {"shard": shard.detach(), "gathered": gathered.detach(), "coeff": coeff, "grad": shard.grad}
+    out = {"shard": shard.detach(), "gathered": gathered.detach(), "coeff": coeff, "grad": shard.grad}
+    del gathered  # the graph, and the collectives it kept, must go with it
+    out["leaked"] = _finished_works_alive() - alive
+    return out
 
 
 def membership_worker() -> dict:
@@ -250,6 +261,7 @@ def test_all_gather_shards_forward_and_reduce_scatter_backward(pool4, size):
         # every rank of the block used shard i (slot i % size): its gradient sums their coefficients
         want = sum(results[p]["coeff"][i % size] for p in block)
         torch.testing.assert_close(res["grad"], want, rtol=0, atol=1e-12)
+        assert res["leaked"] == 0
 
 
 # -- groups and agreement --------------------------------------------------------------------------

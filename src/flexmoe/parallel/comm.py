@@ -530,7 +530,10 @@ class _AllGatherShards(torch.autograd.Function):
         g = dist.get_world_size(group)
         x = x.to(dtype).contiguous()  # gathered in `dtype`: bf16 moves half the bytes of fp32
         out_g = torch.empty((g, *x.shape), dtype=dtype, device=x.device)
-        all_gather_flat(out_g.view(-1), x.view(-1), group, finished=ctx.finished)
+        # the kept Work holds the buffer it wrote: detached, or it would reach out_g's autograd node, and
+        # node -> ctx.finished -> Work -> out_g -> node is a cycle through C++ that Python's garbage
+        # collector cannot see, leaking every step's gathered weights
+        all_gather_flat(out_g.detach().view(-1), x.view(-1), group, finished=ctx.finished)
         return out_g
 
     @staticmethod

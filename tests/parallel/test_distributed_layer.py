@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoELayer, Plan
+from flexmoe.bench.host_syncs import count_host_syncs
 from flexmoe.core.layout import divisors
 from flexmoe.testing.distributed import DistributedPool
 from flexmoe.tuning.cost_model import PRESETS
@@ -318,6 +319,28 @@ def test_the_flat_exchange_carries_only_the_rows_that_hold_a_token(pool, d):
         # go the rows its experts received
         for rows in (res["forward"], res["backward"]):
             assert len(rows) == 2 * d and sum(rows[:d]) == T and sum(rows[d:]) == res["received"], res
+
+
+def host_syncs_worker() -> dict[str, int]:
+    torch.manual_seed(dist.get_rank())
+    x, out = torch.randn(32, M), {}
+    for plan in (Plan(r=0), *(Plan(r=1, d=d, all_to_all="flat") for d in (1, 2, 4))):
+        layer = MoELayer(M, H, 2 * dist.get_world_size(), top_k=2, capacity_factor=0.0, seed=0)
+        with torch.no_grad(), count_host_syncs() as counts:
+            layer(x, plan=plan)
+        out[plan.describe()] = sum(counts.values())
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_a_forward_waits_on_the_host_only_for_what_dropless_routing_needs(pool):
+    """On a GPU each host sync stalls the launch queue. A dropless forward needs: this rank's capacity
+    (its fullest expert) and the group's agreed one; then the rows per expert for r = 0's grouped
+    GEMMs, or, for the exchange, the rows this rank sends and the rows it receives. The exchange's
+    d chunks add none."""
+    for counts in pool.run(host_syncs_worker):
+        r0, *r1 = counts.values()
+        assert r0 == 3 and r1 == [4] * 3, counts
 
 
 def tuner_node_size_worker() -> int:

@@ -152,7 +152,7 @@ def test_packed_chunks_hold_run_i_of_every_block_in_block_order():
 
 
 def test_packed_route_groups_the_received_rows_by_expert_and_puts_them_back():
-    received_WL = torch.tensor([[2, 0, 1], [1, 3, 0]])  # rows from sender w for local expert l
+    received_WL = [[2, 0, 1], [1, 3, 0]]  # rows from sender w for local expert l
     route = PackedRoute(
         received_WL, [0, 0], hidden_width=10**9, device=torch.device("cpu")
     )  # groups too large to pad
@@ -162,9 +162,7 @@ def test_packed_route_groups_the_received_rows_by_expert_and_puts_them_back():
     assert rows.view(-1).tolist() == [0, 1, 3, 4, 5, 6, 2]
     assert torch.equal(route.scatter(rows), recv)
     # nearly equal small groups: padded to 3 rows each with the zero row after the received ones
-    padded = PackedRoute(
-        torch.tensor([[2, 1, 1], [1, 2, 1]]), [0, 0], hidden_width=4, device=torch.device("cpu")
-    )
+    padded = PackedRoute([[2, 1, 1], [1, 2, 1]], [0, 0], hidden_width=4, device=torch.device("cpu"))
     assert padded.padded and padded.sizes == (3, 3, 3)
     recv = torch.cat([torch.arange(1.0, 9.0), torch.zeros(1)]).unsqueeze(1)  # 8 rows and the zero row
     rows = padded.gather(recv)

@@ -197,14 +197,18 @@ class PackedRoute:
     put back in the order they came with one more (no row is empty, so nothing is zero-filled)."""
 
     def __init__(
-        self, received_WL: torch.Tensor, send_rows: Sequence[int], hidden_width: int, device: torch.device
+        self,
+        received_WL: Sequence[Sequence[int]],
+        send_rows: Sequence[int],
+        hidden_width: int,
+        device: torch.device,
     ):
-        """received_WL (on the host): the chunk's rows from sender w for local expert l."""
-        W, L = received_WL.shape
+        """received_WL (host-side numbers): the chunk's rows from sender w for local expert l."""
+        W, L = len(received_WL), len(received_WL[0])
         self.send_rows = list(send_rows)
-        self.recv_rows = received_WL.sum(1).tolist()
+        self.recv_rows = [sum(row) for row in received_WL]
         self.num_received = R = sum(self.recv_rows)
-        sizes = tuple(received_WL.sum(0).tolist())
+        sizes = tuple(sum(column) for column in zip(*received_WL, strict=True))
         n = max(sizes, default=0)
         self.padded = pays_to_pad(L * n - R, R, n * hidden_width)
         if (W == 1 or L == 1) and not self.padded:  # received in the flexible order already
@@ -212,8 +216,9 @@ class PackedRoute:
             self.sizes = sizes
             return
         # flexible row j (expert l, then sender w, then its rows) is received row start_LW + its place
-        counts_LW = received_WL.t().reshape(-1).to(device)
-        start_LW = _exclusive_cumsum(received_WL.reshape(-1)).view(W, L).t().reshape(-1).to(device)
+        received = torch.tensor(received_WL)
+        counts_LW = received.t().reshape(-1).to(device)
+        start_LW = _exclusive_cumsum(received.reshape(-1)).view(W, L).t().reshape(-1).to(device)
         run_R = torch.repeat_interleave(torch.arange(L * W, device=device), counts_LW, output_size=R)
         offset_R = torch.arange(R, device=device) - _exclusive_cumsum(counts_LW)[run_R]
         source = start_LW[run_R] + offset_R
@@ -273,7 +278,7 @@ class PackedChunks:
     def start(self, send_SM: torch.Tensor, groups, hidden_width: int) -> Inbound:
         # the receivers must know the sizes before the chunks start: the counts go first
         received_WL = groups.all_to_all_start(self.counts, "flat").wait()
-        runs_dWL = split_runs(received_WL.cpu(), self.d)  # one host sync; the sizes are host-side
+        runs_dWL = split_runs(received_WL, self.d).tolist()  # one host sync; the sizes are host-side
         device = send_SM.device
         routes = [PackedRoute(runs_dWL[i], self.send_rows[i], hidden_width, device) for i in range(self.d)]
         chunks = [

@@ -21,17 +21,32 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
-def retain_freed_memory() -> bool:
-    """Tell glibc to keep freed memory for reuse; True if applied (glibc on Linux), else False."""
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux, else None (e.g. musl: its allocator has other knobs)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False  # not glibc (e.g. musl): its allocator has other knobs
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
+
+
+def retain_freed_memory() -> bool:
+    """Tell glibc to keep freed memory for reuse; True if applied (glibc on Linux), else False."""
+    libc = _glibc()
+    if libc is None:
+        return False
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     no_mmap = libc.mallopt(_M_MMAP_MAX, 0)
     no_trim = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     return bool(no_mmap and no_trim)
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim), e.g. between two workloads
+    of a benchmark: a heap that keeps freed memory also keeps the holes between live blocks, and the
+    next workload's different sizes would grow it further (W = 2 ranks ran out of 24 GiB after three
+    workloads). True if glibc released anything."""
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))

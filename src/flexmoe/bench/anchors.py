@@ -17,6 +17,7 @@ stages and its backward nodes, this rank).
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from flexmoe import MoELayer
 from flexmoe.bench import deepspeed_moe
 from flexmoe.bench.common import gemm_floor_steps
 from flexmoe.bench.host_syncs import count_host_syncs
+from flexmoe.cpu_memory import release_freed_memory
 from flexmoe.parallel.comm import max_over_ranks
 
 
@@ -239,4 +241,9 @@ def run_workload(w: AnchorWorkload, settings: AnchorSettings, group=None) -> dic
 
 
 def run(workloads, settings: AnchorSettings, group=None) -> list[dict]:
-    return [run_workload(w, settings, group) for w in workloads]
+    results = []
+    for w in workloads:
+        results.append(run_workload(w, settings, group))
+        gc.collect()  # the workload's layers, and then their memory (cpu_memory)
+        release_freed_memory()
+    return results

@@ -181,9 +181,10 @@ def _dist_inputs(rank: int):
 def _spy(log: list):
     """Record the dtype of every floating-point payload of the layer's collectives."""
     originals = (dist.all_to_all_single, comm.all_gather_flat, comm._reduce_scatter_flat)
+    reducing = []  # gloo's reduce-scatter runs as an all-to-all: its payload is logged as the scatter's
 
     def a2a(out, x, *args, **kwargs):
-        if x.is_floating_point():
+        if x.is_floating_point() and not reducing:
             log.append(("all_to_all", x.dtype))
         return originals[0](out, x, *args, **kwargs)
 
@@ -193,7 +194,11 @@ def _spy(log: list):
 
     def scatter(out, x, group, **kwargs):
         log.append(("reduce_scatter", x.dtype))
-        return originals[2](out, x, group, **kwargs)
+        reducing.append(True)
+        try:
+            return originals[2](out, x, group, **kwargs)
+        finally:
+            reducing.pop()
 
     dist.all_to_all_single, comm.all_gather_flat, comm._reduce_scatter_flat = a2a, gather, scatter
     try:

@@ -75,6 +75,11 @@ def check_supported(module: nn.Module) -> str:
             "SiLU/ReLU/erf GELU without a gate); experts_implementation='flexmoe' runs this module "
             "unsharded, or under transformers' own ep_implementation='all_to_all'"
         )
+    return _fused_activation(module)
+
+
+def _fused_activation(module: nn.Module) -> str:
+    """flexmoe's fused activation for a module it computes exactly (unfused_reason None)."""
     return "swiglu" if getattr(module, "has_gate", True) else _activation_kind(module.act_fn)
 
 
@@ -83,7 +88,7 @@ def module_activation(module: nn.Module) -> Activation:
     module's exactly, else the module's own code (`_apply_gate`, or `act_fn` without a gate)."""
     reason = unfused_reason(module)
     if reason is None:
-        return check_supported(module)
+        return _fused_activation(module)
     if getattr(module, "has_post_expert_norm", False):  # a norm with parameters after fc2, not between
         raise ValueError(f"{reason}: flexmoe's FFN runs code only between the two GEMMs")
     gated = getattr(module, "has_gate", True)

@@ -33,37 +33,35 @@ def _weights(L: int) -> ExpertWeights:
 
 
 def test_filled_rows_follow_the_counts():
-    filled_WL = torch.tensor([[2, 0], [3, 1]])  # W = 2 senders, L = 2 experts, c = 3 rows per block
-    rows = FilledRows.from_counts(filled_WL, 3, H)  # padding to 5 rows each would not pay
-    # flexible layout [L, W, c]: expert 0 gets rows 0-1 of sender 0 and 0-2 of sender 1, expert 1 row 0
-    # of sender 1
+    filled_WL = [[2, 0], [3, 1]]  # W = 2 senders, L = 2 experts, c = 3 rows per block
+    rows = FilledRows.from_counts(filled_WL, 3, H, "cpu")  # padding to 5 rows each would not pay
+    # the received chunk [W, L, c]: sender 0's rows of experts 0 and 1, then sender 1's; expert 0 gets
+    # rows 0-1 of sender 0 and 0-2 of sender 1, expert 1 row 0 of sender 1 (received row (w * 2 + l) * 3)
     assert rows.sizes == (5, 1)
-    assert rows.index.tolist() == [0, 1, 3, 4, 5, 9]
-    # the received chunk [W, L, c]: sender 0's rows of experts 0 and 1, then sender 1's
+    assert rows.source.tolist() == [0, 1, 6, 7, 8, 9]
     recv = torch.arange(12.0).view(2, 2, 3, 1)
-    # flexible row f = l * 6 + w * 3 + j is received row (w * 2 + l) * 3 + j
     assert rows.gather(recv).view(-1).tolist() == [0, 1, 6, 7, 8, 9]
     back = rows.scatter(rows.gather(recv), (2, 2, 3))
     assert back.shape == (2, 2, 3, 1)
     assert back.view(-1).tolist() == [0, 1, 0, 0, 0, 0, 6, 7, 8, 9, 0, 0]
-    full = FilledRows.from_counts(torch.full((2, 2), 3), 3, H)
-    assert full.index is None and full.sizes == (6, 6)
+    full = FilledRows.from_counts([[3, 3], [3, 3]], 3, H, "cpu")
+    assert full.source is None and full.sizes == (6, 6)
     assert full.gather(recv).view(-1).tolist() == [0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11]
     assert torch.equal(full.scatter(full.gather(recv), (2, 2, 3)), recv)
 
 
 def test_nearly_equal_experts_are_padded_with_their_own_empty_rows():
-    filled_WL = torch.tensor([[3, 3, 2], [3, 2, 3]])  # 6, 5, 5 rows: 2 padding rows make them equal
-    rows = FilledRows.from_counts(filled_WL, 4, H)  # c = 4: rows 0-7 expert 0, 8-15 expert 1, ...
+    filled_WL = [[3, 3, 2], [3, 2, 3]]  # 6, 5, 5 rows: 2 padding rows make them equal
+    rows = FilledRows.from_counts(filled_WL, 4, H, "cpu")  # c = 4: received row (w * 3 + l) * 4 + j
     assert rows.sizes == (6, 6, 6)
-    # expert 1 takes its first empty row (row 3 of sender 0: flexible row 11), expert 2 likewise (18),
-    # each after its filled rows
-    assert rows.index.tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 11, 16, 17, 20, 21, 22, 18]
+    # expert 1 takes its first empty row (row 3 of sender 0: received row 7), expert 2 likewise (row 2
+    # of sender 0: 10), each after its filled rows
+    assert rows.source.tolist() == [0, 1, 2, 12, 13, 14, 4, 5, 6, 16, 17, 7, 8, 9, 20, 21, 22, 10]
     # padded to every row of the chunk (c = 3): nothing to pack
-    full = FilledRows.from_counts(filled_WL, 3, H)
-    assert full.index is None and full.sizes == (6, 6, 6)
-    uneven = FilledRows.from_counts(torch.tensor([[3, 1, 2], [3, 2, 3]]), 3, H)  # 4 padding rows of 14
-    assert uneven.sizes == (6, 3, 5) and uneven.index.numel() == 14
+    full = FilledRows.from_counts(filled_WL, 3, H, "cpu")
+    assert full.source is None and full.sizes == (6, 6, 6)
+    uneven = FilledRows.from_counts([[3, 1, 2], [3, 2, 3]], 3, H, "cpu")  # 4 padding rows of 14
+    assert uneven.sizes == (6, 3, 5) and uneven.source.numel() == 14
 
 
 def test_padded_chunks_hold_run_i_of_every_block_at_its_start():

@@ -96,3 +96,27 @@ def test_packed_exchange_on_cuda_matches_cpu(d, kept_list):
         results.append([ret.index_select(0, rows).detach().cpu(), *(t.cpu() for t in grads)])
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_the_index_builders_do_not_synchronise_the_device():
+    """The runs, the padded chunks' rows and the packed routes are built from host-side sizes:
+    CUDA's sync debug mode raises on any stream synchronisation (an .item(), a nonzero, a pageable
+    host-to-device copy) inside."""
+    from flexmoe.ops.expert_ffn import padded_slots
+    from flexmoe.ops.runs import concatenated_runs
+    from flexmoe.parallel.chunks import FilledRows, PackedRoute
+
+    cuda = torch.device("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runs = concatenated_runs([5, 0, 9], [2, 3, 1], cuda)
+        slots = padded_slots((2, 0, 3), 3, cuda)
+        rows = FilledRows.from_counts([[3, 3, 2], [3, 2, 3]], 4, 16, cuda)  # padded
+        ragged = FilledRows.from_counts([[3, 1, 2], [3, 2, 3]], 3, 16, cuda)
+        route = PackedRoute([[2, 1, 1], [1, 2, 1]], [2, 2], hidden_width=4, device=cuda)  # padded
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert runs.tolist() == [5, 6, 0, 1, 2, 9] and slots.tolist() == [0, 1, 6, 7, 8]
+    assert rows.source.tolist() == [0, 1, 2, 12, 13, 14, 4, 5, 6, 16, 17, 7, 8, 9, 20, 21, 22, 10]
+    assert ragged.source.numel() == 14 and route.source.device.type == "cuda"

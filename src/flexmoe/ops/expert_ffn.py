@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from flexmoe.ops.amp import amp_backward, amp_forward
+from flexmoe.ops.runs import concatenated_runs
 
 
 @dataclass(frozen=True)
@@ -549,7 +550,4 @@ def pays_to_pad(padding_rows: int, rows: int, group_hidden: int) -> bool:
 
 def padded_slots(sizes: tuple[int, ...], n: int, device) -> torch.Tensor:
     """Where each of the sum(sizes) rows (grouped by expert) goes when every group is padded to n."""
-    counts = torch.tensor(sizes, device=device)
-    group_N = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
-    first_N = (torch.cumsum(counts, 0) - counts)[group_N]
-    return group_N * n + torch.arange(group_N.shape[0], device=device) - first_N
+    return concatenated_runs([g * n for g in range(len(sizes))], sizes, torch.device(device))

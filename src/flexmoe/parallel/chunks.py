@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
 from flexmoe.ops.expert_ffn import padded_slots, pays_to_pad
+from flexmoe.ops.runs import concatenated_runs
 from flexmoe.parallel.comm import AllToAllHandle
 
 
@@ -68,50 +70,51 @@ def _from_flexible(rows: torch.Tensor, W: int, L: int, c: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FilledRows:
-    """The rows of one received padded chunk, in the flexible layout [L * W * c], that the experts
-    multiply: those that hold a token, and, when every local expert is padded to the same row count
-    (small, nearly equal groups: ops.expert_ffn.pays_to_pad), some empty ones, so that the grouped FFN
-    runs as one batched GEMM. Empty rows are zeros from the sender; their outputs go back to slots the
-    sender never reads, and their gradients are zeros, so the padding changes no result."""
+    """The rows of one received padded chunk that the experts multiply, grouped by local expert (the
+    flexible layout [L, W, rows]): those that hold a token, and, when every local expert is padded to
+    the same row count (small, nearly equal groups: ops.expert_ffn.pays_to_pad), some empty ones, so
+    that the grouped FFN runs as one batched GEMM. Empty rows are zeros from the sender; their outputs
+    go back to slots the sender never reads, and their gradients are zeros, so the padding changes no
+    result."""
 
-    index: torch.Tensor | None  # rows multiplied, in the flexible layout; None: every row
+    source: torch.Tensor | None  # the rows multiplied, as rows of the received [W, L, c]; None: all
     sizes: tuple[int, ...]  # rows per local expert, the grouped FFN's group sizes
-    source: torch.Tensor | None = None  # the same rows in the received [W, L, c] layout
 
     @staticmethod
-    def from_counts(filled_WL: torch.Tensor, c: int, hidden_width: int) -> FilledRows:
-        """filled_WL: rows of the chunk that sender w filled for local expert l (a prefix of its c);
-        hidden_width: the experts' fc1 width (what a row costs in the activation's memory)."""
-        W, L = filled_WL.shape
-        sizes = tuple(int(n) for n in filled_WL.sum(0).tolist())
-        if sum(sizes) == L * W * c:
+    def from_counts(filled_WL: Sequence[Sequence[int]], c: int, hidden_width: int, device) -> FilledRows:
+        """filled_WL (host-side numbers): rows of the chunk that sender w filled for local expert l (a
+        prefix of its c); hidden_width: the experts' fc1 width (what a row costs in the activation's
+        memory)."""
+        W, L = len(filled_WL), len(filled_WL[0])
+        sizes = tuple(sum(column) for column in zip(*filled_WL, strict=True))
+        total, n = sum(sizes), max(sizes)
+        if total == L * W * c:
             return FilledRows(None, sizes)
-        take_LWc = torch.arange(c, device=filled_WL.device) < filled_WL.t().unsqueeze(-1)
-        n = max(sizes)
-        if pays_to_pad(L * n - sum(sizes), sum(sizes), n * hidden_width):
-            if n == W * c:  # padded to every row: nothing to pack
-                return FilledRows(None, (n,) * L)
-            # each expert also takes its first n - size empty rows (distinct rows: no index repeats),
-            # after its filled ones, as the packed layout pads (so that both sum in the same order)
-            need_L11 = torch.tensor([n - s for s in sizes], device=filled_WL.device).view(L, 1, 1)
-            empty_LWc = ~take_LWc
-            rank_LWc = empty_LWc.reshape(L, -1).cumsum(1).view(L, W, c)
-            pad_LWc = empty_LWc & (rank_LWc <= need_L11)
-            index = (take_LWc | pad_LWc).reshape(-1).nonzero().squeeze(1)
-            order = torch.argsort(index // (W * c) * 2 + pad_LWc.reshape(-1)[index], stable=True)
-            index = index[order]
-            sizes = (n,) * L
-        else:
-            index = take_LWc.reshape(-1).nonzero().squeeze(1)
-        # flexible row l * W * c + w * c + j is received row (w * L + l) * c + j
-        expert, rest = index // (W * c), index % (W * c)
-        source = (rest // c * L + expert) * c + rest % c
-        return FilledRows(index, sizes, source)
+        padded = pays_to_pad(L * n - total, total, n * hidden_width)
+        if padded and n == W * c:  # padded to every row: nothing to pick
+            return FilledRows(None, (n,) * L)
+        # expert l takes the filled rows of sender w's block (w * L + l) for every w, then, padded, its
+        # first n - size empty rows in the same order (distinct rows: no index repeats), as the packed
+        # layout pads, so that both sum in the same order
+        starts, lengths = [], []
+        for l in range(L):
+            blocks = [(w * L + l) * c for w in range(W)]
+            filled = [filled_WL[w][l] for w in range(W)]
+            starts += blocks
+            lengths += filled
+            need = n - sizes[l] if padded else 0
+            for block, f in zip(blocks, filled, strict=True):
+                if need > 0:
+                    starts.append(block + f)
+                    lengths.append(min(need, c - f))
+                    need -= lengths[-1]
+        source = concatenated_runs(starts, lengths, torch.device(device))
+        return FilledRows(source, (n,) * L if padded else sizes)
 
     def gather(self, recv_WLcM: torch.Tensor) -> torch.Tensor:
         """The rows to multiply, grouped by local expert, from a received chunk: one copy either way
         (a gather of the chosen rows, or the reordering of all of them)."""
-        if self.index is None:
+        if self.source is None:
             return _to_flexible(recv_WLcM)
         return recv_WLcM.reshape(-1, recv_WLcM.shape[-1]).index_select(0, self.source)
 
@@ -119,7 +122,7 @@ class FilledRows:
         """The experts' output rows back to the [W, L, c, M] layout they came in; the rows without a
         token (their senders never read them) are zeros or padding outputs."""
         W, L, c = shape
-        if self.index is None:
+        if self.source is None:
             return _from_flexible(rows_NM, W, L, c)
         out = rows_NM.new_zeros(W * L * c, rows_NM.shape[1])
         return out.index_copy_(0, self.source, rows_NM).view(W, L, c, -1)
@@ -177,10 +180,12 @@ class PaddedChunks:
         _, W, L, c = self.shape
 
         def routes() -> list[PaddedRoute]:
-            received_WLd = counts.wait()
+            received_dWL = counts.wait().permute(2, 0, 1).tolist()  # one host sync for all d chunks
             return [
                 PaddedRoute(
-                    FilledRows.from_counts(received_WLd[:, :, i], c, hidden_width), (W, L, c), self.algorithm
+                    FilledRows.from_counts(received_dWL[i], c, hidden_width, send_SM.device),
+                    (W, L, c),
+                    self.algorithm,
                 )
                 for i in range(self.d)
             ]
@@ -215,13 +220,13 @@ class PackedRoute:
             self.source = self.inverse = None
             self.sizes = sizes
             return
-        # flexible row j (expert l, then sender w, then its rows) is received row start_LW + its place
-        received = torch.tensor(received_WL)
-        counts_LW = received.t().reshape(-1).to(device)
-        start_LW = _exclusive_cumsum(received.reshape(-1)).view(W, L).t().reshape(-1).to(device)
-        run_R = torch.repeat_interleave(torch.arange(L * W, device=device), counts_LW, output_size=R)
-        offset_R = torch.arange(R, device=device) - _exclusive_cumsum(counts_LW)[run_R]
-        source = start_LW[run_R] + offset_R
+        # flexible row j (expert l, then sender w, then its rows) is a received row of sender w's run
+        # for expert l; the runs arrive sender-major
+        start_WL = list(accumulate((n for row in received_WL for n in row), initial=0))
+        order = [(w, l) for l in range(L) for w in range(W)]
+        source = concatenated_runs(
+            [start_WL[w * L + l] for w, l in order], [received_WL[w][l] for w, l in order], device
+        )
         # where each flexible row goes among the rows multiplied (after each expert's padding, if any)
         flexible = padded_slots(sizes, n, device) if self.padded else torch.arange(R, device=device)
         self.inverse = torch.empty_like(flexible).index_copy_(0, source, flexible)

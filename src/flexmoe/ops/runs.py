@@ -1,0 +1,41 @@
+"""Row indices made of runs, built on the device from sizes the host already holds.
+
+The exchange and the grouped FFN know their row counts on the host (one `.tolist()` per forward,
+parallel.chunks); the indices that regroup or pad rows follow from them. On a GPU, building those
+indices must not stall the launch queue again: no op whose output shape depends on values
+(`nonzero`, `repeat_interleave` without `output_size`), and the host numbers are copied from pinned
+memory without waiting (a plain `torch.tensor(..., device="cuda")` synchronises the stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import accumulate
+
+import torch
+
+
+def host_ints_to(values: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Rows of host ints (equal lengths) as one int64 tensor on `device`, copied without a host sync."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return t
+    # pinned, the copy need not wait; PyTorch's host allocator keeps the block until the copy ends
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def concatenated_runs(starts: Sequence[int], lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """[s_0, s_0 + 1, ..., s_0 + n_0 - 1, s_1, ...]: run k (start s_k, n_k >= 0 values) after run k - 1."""
+    if len(starts) != len(lengths) or min(lengths, default=0) < 0:
+        raise ValueError(
+            f"starts and lengths must pair up, lengths >= 0: got {len(starts)} starts, {list(lengths)}"
+        )
+    total = sum(lengths)
+    # value j of the result = base of its run + j, base_k = s_k - (values before run k)
+    before = list(accumulate(lengths, initial=0))[:-1]
+    bases = [s - b for s, b in zip(starts, before, strict=True)]
+    base_K, length_K = host_ints_to([bases, list(lengths)], device)
+    return torch.repeat_interleave(base_K, length_K, output_size=total) + torch.arange(total, device=device)
+
+
+__all__ = ["concatenated_runs", "host_ints_to"]

@@ -16,10 +16,10 @@ import torch
 
 
 def host_ints_to(values: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
-    """Rows of host ints (equal lengths) as one int64 tensor on `device`, copied without a host sync."""
+    """Rows of host ints (equal lengths) as one int64 tensor on `device`; to a GPU without a host sync."""
     t = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cpu":
-        return t
+    if device.type != "cuda":
+        return t.to(device)
     # pinned, the copy need not wait; PyTorch's host allocator keeps the block until the copy ends
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -1,7 +1,7 @@
 """Ranks that disagree fail with a ValueError on every rank, never with a crash or a hang.
 
-The agreement check is one fixed-size all-gather (flexmoe.parallel.agreement): at construction over every
-layer setting, at every step over the plan, the mode and a fingerprint of the settings. Two gloo
+The agreement check is one fixed-size all-reduce (flexmoe.parallel.agreement): at construction over
+every layer setting, at every step over the plan, the mode and a fingerprint of the settings. Two gloo
 ranks, one pool for the module; each case checks that both ranks raise and name every rank's value,
 and that the group still works afterwards (a mismatched collective would have broken it).
 """
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from flexmoe import MoEConfig, MoELayer, Plan
-from flexmoe.parallel.agreement import agree_fields, choice_field, float_field, int_field
+from flexmoe.parallel.agreement import Field, agree_fields, choice_field, float_field, int_field
 from flexmoe.testing.distributed import DistributedPool
 
 M, H, E = 8, 16, 4
@@ -85,6 +85,10 @@ def agree_worker() -> dict:
     cf, p = (1.25, None) if rank else (2.0, 1)
     differ = [int_field("a", 3), float_field("cf", cf), int_field("p", p)]
     out["error"] = _error(lambda: agree_fields(differ, [rank], what="test"))
+    # the codes at int64's ends agree (its minimum is -0.0's bits), and 0.0 differs from -0.0
+    ends = [Field("low", -(2**63)), Field("high", 2**63 - 1), float_field("zero", -0.0)]
+    out["ends"] = agree_fields(ends, [rank])
+    out["signed_zero"] = _error(lambda: agree_fields([float_field("z", 0.0 if rank else -0.0)], what="zero"))
     return out
 
 
@@ -171,6 +175,8 @@ def test_agree_takes_maxima_and_names_every_rank(pool2):
     assert r0["error"] == r1["error"]
     expected = "test: ranks disagree on cf (rank 0: 2.0, rank 1: 1.25); p (rank 0: 1, rank 1: None)"
     assert r0["error"] == expected
+    assert r0["ends"] == r1["ends"] == [1]
+    assert r0["signed_zero"] == r1["signed_zero"] == "zero: ranks disagree on z (rank 0: -0.0, rank 1: 0.0)"
 
 
 def test_single_process_has_nothing_to_agree():

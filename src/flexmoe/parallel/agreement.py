@@ -2,11 +2,12 @@
 
 Ranks that disagree on a layer's shapes or on the plan of a step would issue mismatched collectives,
 which gloo answers with an abort and NCCL with a hang. So before any token moves, every rank
-all-gathers the same fixed-length int64 vector: the fields that must be equal everywhere, then the
-values whose group maximum every rank takes (e.g. the capacity). The vector's length never depends
-on a field's value (a forced plan and an adaptive step send the same number of elements), so the
-check itself can never be the mismatched collective. On a difference, every rank raises the same
-ValueError naming each differing field and every rank's value.
+all-reduces (MAX) the same fixed-length int64 vector: the fields that must be equal everywhere, each
+also bitwise negated (which gives their minimum), then the values whose group maximum every rank
+takes (e.g. the capacity). The vector's length never depends on a field's value (a forced plan and an
+adaptive step send the same number of elements), so the check itself can never be the mismatched
+collective. On a difference, every rank sees it in the same reduced vector, gathers every rank's
+fields and raises the same ValueError naming each differing field and every rank's value.
 
 Legend: W ranks, K fields, X values agreed by maximum.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from flexmoe.parallel.comm import FinishedWork, all_gather_flat, control_device
+from flexmoe.parallel.comm import FinishedWork, all_gather_flat, all_reduce_max, control_device
 
 __all__ = ["Field", "agree_fields", "choice_field", "config_fields", "float_field", "int_field"]
 
@@ -102,26 +103,39 @@ def agree_fields(
     finished: FinishedWork | None = None,
 ) -> list[int]:
     """Check that every rank of `group` holds equal `fields`, and return the group maximum of each of
-    `maxima`: one all-gather of K + X int64 values. Every caller on every rank must pass the same
-    number of fields and maxima (a fixed layout, never a data-dependent one).
+    `maxima`: one all-reduce (MAX) of 2K + X int64 values, whatever the group's size. Every caller on
+    every rank must pass the same number of fields and maxima (a fixed layout, never a data-dependent
+    one).
 
     Raises ValueError on every rank naming each differing field and every rank's value. `group=None`
     means WORLD when torch.distributed is initialised; a single process returns `maxima` unchanged.
-    `finished`: where the finished all-gather is kept (see flexmoe.parallel.comm.FinishedWork).
+    `finished`: where the finished collectives are kept (see flexmoe.parallel.comm.FinishedWork).
     """
     maxima = [int(v) for v in maxima]
     if group is None and not (dist.is_available() and dist.is_initialized()):
         return maxima
-    world = dist.get_world_size(group)
-    if world == 1:
+    if dist.get_world_size(group) == 1:
         return maxima
-    local_K = torch.tensor([f.code for f in fields] + maxima, dtype=torch.int64)
-    local_K = local_K.to(control_device(group, device))
-    table_WK = torch.empty(world * local_K.numel(), dtype=torch.int64, device=local_K.device)
-    all_gather_flat(table_WK, local_K, group, finished=finished)
-    rows = table_WK.view(world, -1).tolist()
-    diffs = _differences(fields, [row[: len(fields)] for row in rows])
-    if diffs:
-        prefix = f"{what}: " if what else ""
-        raise ValueError(f"{prefix}ranks disagree on " + "; ".join(diffs))
-    return [max(row[len(fields) + i] for row in rows) for i in range(len(maxima))]
+    # A field agrees when its maximum over the ranks equals its minimum, and min(c) = ~max(~c) (bitwise
+    # NOT: unlike negation it cannot overflow int64). NCCL runs a small all-reduce on a tree (latency
+    # growing with log W) where an all-gather takes a ring's W - 1 steps, and what each rank reads back
+    # stays 2K + X numbers at thousands of ranks.
+    codes = [f.code for f in fields]
+    local = torch.tensor(codes + [~c for c in codes] + maxima, dtype=torch.int64)
+    reduced = local.to(control_device(group, device))
+    all_reduce_max(reduced, group, finished=finished)
+    out, K = reduced.tolist(), len(codes)
+    if any(out[k] != ~out[K + k] for k in range(K)):  # every rank sees it: all of them gather below
+        raise ValueError(_disagreement(fields, codes, group, reduced.device, what, finished))
+    return out[2 * K :]
+
+
+def _disagreement(fields, codes: list[int], group, device, what: str, finished) -> str:
+    """The error message: each differing field with every rank's value (one all-gather, on the
+    failing path only)."""
+    world = dist.get_world_size(group)
+    table_WK = torch.empty(world * len(codes), dtype=torch.int64, device=device)
+    all_gather_flat(table_WK, torch.tensor(codes, dtype=torch.int64, device=device), group, finished=finished)
+    diffs = _differences(fields, table_WK.view(world, -1).tolist())
+    prefix = f"{what}: " if what else ""
+    return f"{prefix}ranks disagree on " + "; ".join(diffs)

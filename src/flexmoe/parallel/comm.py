@@ -37,6 +37,7 @@ __all__ = [
     "FinishedWork",
     "WeakGroup",
     "all_gather_flat",
+    "all_reduce_max",
     "all_gather_shards",
     "all_to_all",
     "control_device",
@@ -75,6 +76,11 @@ def all_gather_flat(
     # both accept the 1-D concatenated form, which is also the only form gloo accepts.
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     _run(functools.partial(fn, out_flat, x_flat, group=group), out_flat, finished)
+
+
+def all_reduce_max(t: torch.Tensor, group: ProcessGroup, *, finished: FinishedWork | None = None) -> None:
+    """t = its element-wise maximum over the group, in place. `finished`: as for all_gather_flat."""
+    _run(functools.partial(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=group), t, finished)
 
 
 def _reduce_scatter_flat(
@@ -133,7 +139,7 @@ def max_over_ranks(values, group: ProcessGroup | None = None, *, device=None, fi
     if group is None or dist.get_world_size(group) == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=control_device(group, device))
-    _run(functools.partial(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=group), t, finished)
+    all_reduce_max(t, group, finished=finished)
     return t.tolist()
 
 

@@ -548,6 +548,6 @@ def pays_to_pad(padding_rows: int, rows: int, group_hidden: int) -> bool:
     return 0 < padding_rows <= _MAX_PADDING * rows and group_hidden <= _PAD_GROUPS_UNDER
 
 
-def padded_slots(sizes: tuple[int, ...], n: int, device) -> torch.Tensor:
+def padded_slots(sizes: tuple[int, ...], n: int, device: torch.device | str) -> torch.Tensor:
     """Where each of the sum(sizes) rows (grouped by expert) goes when every group is padded to n."""
     return concatenated_runs([g * n for g in range(len(sizes))], sizes, torch.device(device))

@@ -81,7 +81,9 @@ class FilledRows:
     sizes: tuple[int, ...]  # rows per local expert, the grouped FFN's group sizes
 
     @staticmethod
-    def from_counts(filled_WL: Sequence[Sequence[int]], c: int, hidden_width: int, device) -> FilledRows:
+    def from_counts(
+        filled_WL: Sequence[Sequence[int]], c: int, hidden_width: int, device: torch.device | str
+    ) -> FilledRows:
         """filled_WL (host-side numbers): rows of the chunk that sender w filled for local expert l (a
         prefix of its c); hidden_width: the experts' fc1 width (what a row costs in the activation's
         memory)."""

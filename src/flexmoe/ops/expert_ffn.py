@@ -38,20 +38,19 @@ class CustomActivation:
 Activation = str | CustomActivation  # a fused activation's name, or code
 
 
-def activation_forward(kind: Activation, hpre_RX: torch.Tensor, *, out: torch.Tensor | None = None):
-    """activation(hpre), written into `out` when given (no temporary)."""
+def activation_forward(kind: Activation, hpre_RX: torch.Tensor) -> torch.Tensor:
+    """activation(hpre)."""
     if isinstance(kind, CustomActivation):
-        act_RH = kind.fn(hpre_RX)
-        return act_RH if out is None else out.copy_(act_RH)
+        return kind.fn(hpre_RX)
     if kind == "gelu":
-        return F.gelu(hpre_RX) if out is None else torch.ops.aten.gelu.out(hpre_RX, out=out)
+        return F.gelu(hpre_RX)
     if kind == "relu":
-        return F.relu(hpre_RX) if out is None else torch.clamp_min(hpre_RX, 0, out=out)
+        return F.relu(hpre_RX)
     if kind == "silu":
-        return F.silu(hpre_RX) if out is None else torch.ops.aten.silu.out(hpre_RX, out=out)
+        return F.silu(hpre_RX)
     if kind == "swiglu":
         gate_RH, up_RH = hpre_RX.chunk(2, dim=-1)
-        return torch.mul(F.silu(gate_RH), up_RH, out=out)
+        return F.silu(gate_RH) * up_RH
     raise ValueError(f"activation must be one of ('gelu', 'relu', 'silu', 'swiglu'), got {kind!r}")
 
 

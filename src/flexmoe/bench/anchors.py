@@ -10,6 +10,7 @@ the slowest rank's time:
 - floor: what no expert-parallel implementation avoids: the expert GEMMs this rank multiplies under
   r = 1 (exactly the rows it receives) plus the four all-to-alls of the [E, C, M] buffer (forward and
   backward, there and back), each timed alone on this group; no overlap is assumed.
+Ratios to DeepSpeed are paired: the median over rounds of the two steps' times in the same round.
 Beside the times: host synchronisations in one forward of each flexmoe variant (bench/host_syncs.py),
 and where a step of the adaptive layer's plan spends its time (torch.profiler, the layer's named
 stages and its backward nodes, this rank).
@@ -29,7 +30,7 @@ from torch.profiler import profile
 
 from flexmoe import MoELayer
 from flexmoe.bench import deepspeed_moe
-from flexmoe.bench.common import gemm_floor_steps
+from flexmoe.bench.common import gemm_floor_steps, paired_ratio
 from flexmoe.bench.host_syncs import count_host_syncs
 from flexmoe.cpu_memory import release_freed_memory
 from flexmoe.parallel.comm import max_over_ranks
@@ -150,8 +151,8 @@ def _floor_steps(layer: MoELayer, group) -> dict[str, Callable[[], None]]:
     return {"floor gemms": gemms, "floor all-to-alls": all_to_alls}
 
 
-def _timed_rounds(steps: dict[str, Callable[[], None]], rounds: int, group) -> dict[str, float]:
-    """Median seconds per step of each, the slowest rank's, in rounds that run every step once."""
+def _timed_rounds(steps: dict[str, Callable[[], None]], rounds: int, group) -> dict[str, list[float]]:
+    """Seconds per step of each, the slowest rank's, per round (a round runs every step once)."""
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
@@ -160,7 +161,7 @@ def _timed_rounds(steps: dict[str, Callable[[], None]], rounds: int, group) -> d
             step()
             times[name].append(time.perf_counter() - start)
     slowest = max_over_ranks([times[name] for name in steps], group)
-    return {name: statistics.median(per_round) for name, per_round in zip(steps, slowest, strict=True)}
+    return dict(zip(steps, slowest, strict=True))
 
 
 def _host_syncs(variants: dict[str, torch.nn.Module], x: torch.Tensor) -> dict[str, int]:
@@ -202,20 +203,25 @@ def run_workload(w: AnchorWorkload, settings: AnchorSettings, group=None) -> dic
         for _ in range(0 if name == FLEXMOE_ROW else settings.warmup):
             step()
     steps.update(_floor_steps(adaptive, group))
-    seconds = _timed_rounds(steps, settings.rounds, group)
+    per_round = _timed_rounds(steps, settings.rounds, group)
+    seconds = {name: statistics.median(times) for name, times in per_round.items()}
     floor_s = seconds.pop("floor gemms") + seconds.pop("floor all-to-alls")
     syncs = _host_syncs(variants, x.detach())
     chosen = adaptive.last_plan
     plan_name = f"r={chosen.r} d={chosen.d}"
     stages = breakdown(steps[FLEXMOE_ROW], settings.profile_steps)
-    deepspeed_s = seconds.get("deepspeed")
+    deepspeed = per_round.get("deepspeed")
+
+    def deepspeed_over(name: str) -> float | None:  # per round, then the median: drift cancels
+        return None if deepspeed is None else paired_ratio(deepspeed, per_round[name])
+
     rows = [
         {
             "workload": w.name,
             "W": W,
             "variant": name,
             "ms": s * 1e3,
-            "vs_deepspeed": None if deepspeed_s is None else deepspeed_s / s,
+            "vs_deepspeed": deepspeed_over(name),
             "vs_floor": s / floor_s,
             "host_syncs": syncs.get(name),
             "plan": f"{plan_name} {chosen.all_to_all}" if name == FLEXMOE_ROW else "",
@@ -232,8 +238,8 @@ def run_workload(w: AnchorWorkload, settings: AnchorSettings, group=None) -> dic
         "floor_s": floor_s,
         "best_static": best_static,
         "adaptive_plan": plan_name,
-        "deepspeed_over_adaptive": None if deepspeed_s is None else deepspeed_s / seconds[FLEXMOE_ROW],
-        "deepspeed_over_best_static": None if deepspeed_s is None else deepspeed_s / static[best_static],
+        "deepspeed_over_adaptive": deepspeed_over(FLEXMOE_ROW),
+        "deepspeed_over_best_static": deepspeed_over(best_static),
         "adaptive_over_floor": seconds[FLEXMOE_ROW] / floor_s,
         "breakdown_ms_rank0": stages,
         "tuner": adaptive.tuner.table() if adaptive.tuner is not None else [],

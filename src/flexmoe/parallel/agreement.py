@@ -130,7 +130,14 @@ def agree_fields(
     return out[2 * K :]
 
 
-def _disagreement(fields, codes: list[int], group, device, what: str, finished) -> str:
+def _disagreement(
+    fields: Sequence[Field],
+    codes: list[int],
+    group,
+    device: torch.device,
+    what: str,
+    finished: FinishedWork | None,
+) -> str:
     """The error message: each differing field with every rank's value (one all-gather, on the
     failing path only)."""
     world = dist.get_world_size(group)

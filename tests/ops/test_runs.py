@@ -1,4 +1,5 @@
-"""Index runs from host-side sizes (ops.runs): values against a plain list, and no host sync."""
+"""Index runs from host-side sizes (ops.runs): values against a plain list, and no host sync that the
+counter sees on the CPU (.item, .tolist, nonzero); tests/system/test_gpu.py checks stream syncs on CUDA."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Index runs from host-side sizes (ops.runs): values against a plain list, and no host sync that the
-counter sees on the CPU (.item, .tolist, nonzero); tests/system/test_gpu.py checks stream syncs on CUDA."""
+"""Index runs from host-side sizes (ops.runs): values against a plain list, and no host sync (the
+counter's view; tests/system/test_gpu.py checks the stream on CUDA, pageable copies included)."""
 
 from __future__ import annotations
 

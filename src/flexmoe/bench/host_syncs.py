@@ -1,6 +1,7 @@
 """Counting host synchronisations: the calls that need a tensor's value on the host (`.item()`,
-`int(t)`, `.tolist()`) or a shape that depends on values (`nonzero`). On a GPU each one stalls the
-launch queue until the device catches up; on the CPU they are free, so they are counted, not timed."""
+`int(t)`, `.tolist()`) or a shape that depends on values (`nonzero`, `repeat_interleave` without
+`output_size`). On a GPU each one stalls the launch queue until the device catches up; on the CPU
+they are free, so they are counted, not timed."""
 
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ class _SyncingOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
+        kwargs = kwargs or {}
         if name in _SYNCING_OPS:
             self.counts[name.removeprefix("aten.")] += 1
-        return func(*args, **(kwargs or {}))
+        elif name == "aten.repeat_interleave" and kwargs.get("output_size") is None:
+            # its output's length is the sum of the repeats: read on the host unless output_size is given
+            self.counts["repeat_interleave"] += 1
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager

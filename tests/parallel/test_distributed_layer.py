@@ -321,18 +321,20 @@ def test_the_flat_exchange_carries_only_the_rows_that_hold_a_token(pool, d):
             assert len(rows) == 2 * d and sum(rows[:d]) == T and sum(rows[d:]) == res["received"], res
 
 
-def host_syncs_worker() -> dict[str, int]:
+def host_syncs_worker() -> dict[str, tuple[int, int]]:
     torch.manual_seed(dist.get_rank())
     W = dist.get_world_size()
-    x, out = torch.randn(32, M), {}
+    x, out = torch.randn(32, M, requires_grad=True), {}
     algorithms = ("flat", "2dh") if W == 4 else ("flat",)
     plans = [Plan(r=0), *(Plan(r=1, d=d, all_to_all=a) for a in algorithms for d in (1, 2, 4))]
     for plan in plans:
         nodes = {"local_world_size": 2} if W == 4 else {}  # 2DH: two nodes of two ranks
         layer = MoELayer(M, H, 2 * W, top_k=2, capacity_factor=0.0, seed=0, **nodes)
-        with torch.no_grad(), count_host_syncs() as counts:
-            layer(x, plan=plan)
-        out[plan.describe()] = sum(counts.values())
+        with count_host_syncs() as forward:
+            y = layer(x, plan=plan)
+        with count_host_syncs() as backward:
+            (y.square().mean() + layer.aux_loss).backward()
+        out[plan.describe()] = (sum(forward.values()), sum(backward.values()))
     return out
 
 
@@ -341,10 +343,10 @@ def test_a_forward_waits_on_the_host_only_for_what_dropless_routing_needs(pool):
     """On a GPU each host sync stalls the launch queue. A dropless forward needs: this rank's capacity
     (its fullest expert) and the group's agreed one; then the rows per expert for r = 0's grouped
     GEMMs, or, for the exchange, the rows this rank sends and the rows it receives (2DH's fixed-size
-    blocks: only the latter). The exchange's d chunks add none."""
+    blocks: only the latter). The exchange's d chunks add none, and backward none at all."""
     for counts in pool.run(host_syncs_worker):
         r0, *r1 = counts.values()
-        assert r0 == 3 and r1 == [4] * 3 + [3] * (3 if pool.world_size == 4 else 0), counts
+        assert r0 == (3, 0) and r1 == [(4, 0)] * 3 + [(3, 0)] * (3 if pool.world_size == 4 else 0), counts
 
 
 def tuner_node_size_worker() -> int:

@@ -224,7 +224,7 @@ class PackedRoute:
             return
         # flexible row j (expert l, then sender w, then its rows) is a received row of sender w's run
         # for expert l; the runs arrive sender-major
-        start_WL = list(accumulate((n for row in received_WL for n in row), initial=0))
+        start_WL = list(accumulate((rows for sender in received_WL for rows in sender), initial=0))
         order = [(w, l) for l in range(L) for w in range(W)]
         source = concatenated_runs(
             [start_WL[w * L + l] for w, l in order], [received_WL[w][l] for w, l in order], device

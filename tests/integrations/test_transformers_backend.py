@@ -228,3 +228,26 @@ def test_other_ranks_experts_are_skipped_under_transformers_expert_parallelism(f
     index = torch.randint(0, 5, (T, k), generator=gen).clamp(max=3)  # 3 = another rank's expert
     weights = torch.rand(T, k, generator=gen, dtype=torch.float64).masked_fill(index == 3, 0.0)
     _assert_flexmoe_equals_eager(module, config, T=T, k=k, index=index, weights=weights.requires_grad_())
+
+
+@pytest.mark.parametrize("sizes", [(2, 0, 3), (3, 3, 3)], ids=["uneven-with-empty", "uniform-batched"])
+def test_generic_grouped_gemm_gradients_arrive_in_the_parameters_layout(sizes):
+    """The module's [E, O, K] weight read as [E, K, O]: its gradient reaches it contiguous, not
+    transposed (which would make the accumulation and the optimizer read it strided)."""
+    from flexmoe.integrations.transformers.generic_experts import grouped_linear
+
+    stored = torch.randn(len(sizes), 5, 4, dtype=torch.float64, requires_grad=True)
+    arrived = []
+    stored.register_hook(lambda g: arrived.append(g.is_contiguous()))
+    x = torch.randn(sum(sizes), 4, dtype=torch.float64)
+    grouped_linear(x, stored.transpose(1, 2), None, sizes).square().sum().backward()
+    assert arrived == [True]
+    want = torch.stack([x[lo : lo + n].T @ (2 * x[lo : lo + n] @ stored[g].T) for g, lo, n in _runs(sizes)])
+    torch.testing.assert_close(stored.grad, want.transpose(1, 2), rtol=0, atol=1e-10)
+
+
+def _runs(sizes):
+    start = 0
+    for g, n in enumerate(sizes):
+        yield g, start, n
+        start += n

@@ -76,6 +76,28 @@ def test_sizes_must_cover_the_rows():
         grouped_expert_ffn(torch.zeros(5, M, dtype=torch.float64), ExpertWeights(*params, "gelu"), (2, 2))
 
 
+@pytest.mark.parametrize("op", ["grouped-ffn", "packed-moe"])
+@pytest.mark.parametrize("sizes", [(3, 0, 5, 1), (4, 4, 4, 4)], ids=["uneven-with-empty", "uniform-batched"])
+def test_weight_gradients_arrive_in_the_parameters_layout(op, sizes):
+    """Weights that are transposed views of their parameters (transformers' [E, X, M] experts read
+    as fc1 [E, M, X]) get gradients that reach the parameters contiguous: a transposed gradient
+    would make the accumulation, FSDP's copy-in and the optimizer read it strided."""
+    G, R = len(sizes), sum(sizes)
+    w1, _, w2, _ = _weights(G, "swiglu", bias=False)
+    stored = [p.detach().transpose(1, 2).contiguous().requires_grad_() for p in (w1, w2)]
+    arrived = []
+    for p in stored:
+        p.register_hook(lambda g: arrived.append(g.is_contiguous()))
+    w = ExpertWeights(stored[0].transpose(1, 2), None, stored[1].transpose(1, 2), None, "swiglu")
+    x = torch.randn(R, M, dtype=torch.float64)
+    if op == "grouped-ffn":
+        y = grouped_expert_ffn(x, w, sizes)
+    else:
+        y = expert_ffn.packed_moe(x, torch.arange(R), torch.ones(R, dtype=torch.float64), w, sizes)
+    y.square().sum().backward()
+    assert arrived == [True, True]
+
+
 def _packed_reference(x_TM, token_N, weight_N, params, sizes, kind, *, postscore: bool):
     """y_t = sum over assignments n of token t of s_n * f_g(x_t) (postscore) or f_g(s_n * x_t)."""
     w1, b1, w2, b2 = params

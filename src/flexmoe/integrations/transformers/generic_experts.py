@@ -68,12 +68,14 @@ class GroupedLinear(torch.autograd.Function):
         if n is not None:
             go, x = grad_NO.view(G, n, -1), x_NK.view(G, n, -1)
             grad_x = torch.bmm(go, w_GKO.transpose(1, 2)).view(G * n, -1) if need_x else None
-            grad_w = torch.bmm(x.transpose(1, 2), go) if need_w else None
+            # w is a transposed view of the module's parameter: its gradient keeps w's strides, so
+            # that it reaches the parameter contiguous (ops.expert_ffn._weight_grad_like)
+            grad_w = torch.bmm(x.transpose(1, 2), go, out=torch.empty_like(w_GKO)) if need_w else None
             grad_b = go.sum(1) if need_b and ctx.has_bias else None
             return grad_x, grad_w, grad_b, None
         # experts without rows get zero gradients; the others overwrite their slice
         grad_x = x_NK.new_empty(x_NK.shape) if need_x else None
-        grad_w = w_GKO.new_zeros(w_GKO.shape) if need_w else None
+        grad_w = torch.zeros_like(w_GKO) if need_w else None  # w's strides, as above
         grad_b = grad_NO.new_zeros(G, grad_NO.shape[1]) if need_b and ctx.has_bias else None
         for g, lo, hi in _groups(sizes):
             if need_x:

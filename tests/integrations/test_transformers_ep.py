@@ -193,13 +193,16 @@ def bench_worker() -> list[dict]:
 @pytest.mark.timeout(300)
 def test_bench_hf_dist_compares_the_distributed_variants(pool):
     """`flexmoe bench hf --dist` keeps running (timings are never asserted): DDP, shard_experts,
-    transformers' EP with its exchange and with flexmoe's; the experts' memory per rank halves."""
+    transformers' EP with its exchange and with flexmoe's; the experts' memory per rank halves; the
+    MoE blocks' own time is found in every variant."""
     from flexmoe.bench.hf import DIST_VARIANTS
 
     rows = pool.run(bench_worker)[0]
     assert [row["variant"] for row in rows] == list(DIST_VARIANTS)
     for row in rows:
         assert row["step_ms"] > 0 and row["speedup_vs_hf_ep"] > 0 and row["world_size"] == W
+        # the MoE blocks run inside the step, on every rank: their share cannot exceed it
+        assert 0 < row["moe_blocks_ms"] < row["step_ms"] and row["moe_blocks_speedup_vs_hf_ep"] > 0
         assert row["memory_ratio"] == (1.0 if row["variant"] == "ddp_grouped_mm" else 0.5)
 
 

@@ -26,6 +26,7 @@ from flexmoe.app.cli_args import (
     positive_int,
 )
 from flexmoe.app.reporting import environment, format_table
+from flexmoe.bench.block_timer import BlockTimer
 from flexmoe.bench.common import (
     interleaved_times,
     matmul_rate_steps,
@@ -266,6 +267,17 @@ def _plans_run(model) -> str | None:
     return ", ".join(plans) or None
 
 
+def _moe_blocks(model) -> list:
+    """transformers' MoE blocks (a router `gate` beside the `experts`), whatever runs the experts;
+    the outermost only (shard_experts puts a MoELayer, itself gate and experts, inside each)."""
+    blocks: dict[str, torch.nn.Module] = {}
+    for name, m in model.named_modules():  # parents before their children
+        inside = any(name.startswith(f"{outer}.") for outer in blocks)
+        if not inside and isinstance(getattr(m, "experts", None), torch.nn.Module) and hasattr(m, "gate"):
+            blocks[name] = m
+    return list(blocks.values())
+
+
 def _hf_ep_model(folder: str, ep_implementation: str):
     """The model under transformers' own EP + FSDP2 (whole experts per rank)."""
     from flexmoe.integrations.transformers import load_expert_parallel
@@ -300,7 +312,7 @@ def two_process(
     ids = ids.to(device)
     # the flexmoe EP implementation with the plan asked for (the tuner's with "adaptive")
     register_ep_implementation("flexmoe_bench", **layer_options)
-    names, variants = variants, {}
+    names, variants, block_seconds = variants, {}, {}
     with tempfile.TemporaryDirectory() as own_folder:
         # transformers' EP loads a checkpoint: rank 0's (save_pretrained writes on rank 0 only), so
         # the ranks share a file system (one node, as torchrun --nproc-per-node runs it)
@@ -323,11 +335,13 @@ def two_process(
                     wrapped = DistributedDataParallel(model)
             model.train()
             optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-5)
+            timer, block_seconds[name] = BlockTimer(_moe_blocks(model)), []
 
-            def step(wrapped=wrapped, optimizer=optimizer):
+            def step(wrapped=wrapped, optimizer=optimizer, timer=timer, spent=block_seconds[name]):
                 optimizer.zero_grad(set_to_none=False)
                 wrapped(ids, labels=ids).loss.backward()
                 optimizer.step()
+                spent.append(timer.reset())
 
             variants[name] = (step, model, optimizer)
         dist.barrier()  # rank 0 removes the checkpoint once every rank has loaded it
@@ -335,13 +349,16 @@ def two_process(
         {n: v[0] for n, v in variants.items()}, warmup=warmup, repeats=repeats, device=device
     )
     # a round of a step lasts as long as its slowest rank: every figure below is the group's
-    for name, seconds in times.items():
-        per_round = torch.tensor(seconds, dtype=torch.float64)
-        dist.all_reduce(per_round, op=dist.ReduceOp.MAX)
-        times[name] = per_round.tolist()
+    # the MoE blocks' share of each timed round, on the rank that spent longest in them
+    in_blocks = {name: spent[-repeats:] for name, spent in block_seconds.items()}
+    for table in (times, in_blocks):
+        for name, seconds in table.items():
+            per_round = torch.tensor(seconds, dtype=torch.float64)
+            dist.all_reduce(per_round, op=dist.ReduceOp.MAX)
+            table[name] = per_round.tolist()
 
-    def speedup(baseline: str, name: str) -> float | None:
-        return paired_ratio(times[baseline], times[name]) if baseline in times else None
+    def speedup(baseline: str, name: str, table=times) -> float | None:
+        return paired_ratio(table[baseline], table[name]) if baseline in table else None
 
     rows = []
     ddp = variants.get("ddp_grouped_mm")
@@ -357,6 +374,9 @@ def two_process(
                 # paired per-round ratios: > 1 is faster than the baseline
                 "speedup_vs_ddp": speedup("ddp_grouped_mm", name),
                 "speedup_vs_hf_ep": speedup("hf_ep_all_to_all", name),
+                # forward and backward inside the MoE blocks (router, experts, FSDP2's hooks for them)
+                "moe_blocks_ms": 1e3 * statistics.median(in_blocks[name]),
+                "moe_blocks_speedup_vs_hf_ep": speedup("hf_ep_all_to_all", name, in_blocks),
                 "memory_ratio": None if ddp_bytes is None else expert_bytes / ddp_bytes,
                 "plans": _plans_run(model),  # flexmoe's, after the last timed step
                 **rates,
@@ -439,7 +459,8 @@ def main(argv: list[str] | None = None) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rows = two_process(config, layer_options=layer_options, variants=variants, **timing)
         columns = ("variant", "world_size", "step_ms", "expert_MiB_per_rank", "speedup_vs_ddp")
-        columns += ("speedup_vs_hf_ep", "memory_ratio", "plans")
+        columns += ("speedup_vs_hf_ep", "moe_blocks_ms", "moe_blocks_speedup_vs_hf_ep")
+        columns += ("memory_ratio", "plans")
         columns += ("fp32_gflops", "bf16_gflops")
         if dist.get_rank() != 0:
             dist.destroy_process_group()

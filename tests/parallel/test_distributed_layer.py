@@ -321,6 +321,84 @@ def test_the_flat_exchange_carries_only_the_rows_that_hold_a_token(pool, d):
             assert len(rows) == 2 * d and sum(rows[:d]) == T and sum(rows[d:]) == res["received"], res
 
 
+class _TransposedExperts(torch.nn.Module):
+    """The Experts interface over weights stored transposed, as transformers stores its experts
+    ([L, X, M] and [L, M, H]): fc1 and fc2 are transposed views (integrations' HostExperts alike)."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.layout, self.activation, self.has_bias = experts.layout, experts.activation, False
+        self.fc1_stored = torch.nn.Parameter(experts.fc1_weight.detach().transpose(1, 2).contiguous())
+        self.fc2_stored = torch.nn.Parameter(experts.fc2_weight.detach().transpose(1, 2).contiguous())
+        self.fc1_bias = self.fc2_bias = None
+
+    @property
+    def fc1_weight(self):
+        return self.fc1_stored.transpose(1, 2)
+
+    @property
+    def fc2_weight(self):
+        return self.fc2_stored.transpose(1, 2)
+
+    def local_weights(self, dtype=None):
+        from flexmoe.ops.expert_ffn import ExpertWeights
+
+        w1, w2 = (w if dtype is None else w.to(dtype) for w in (self.fc1_weight, self.fc2_weight))
+        return ExpertWeights(w1, None, w2, None, self.activation)
+
+
+def transposed_experts_worker() -> list[dict]:
+    """Every plan on experts stored transposed: the same output and gradients as on flexmoe's own
+    layout, and the gradients reach the stored parameters contiguous (not strided)."""
+    W, rank = dist.get_world_size(), dist.get_rank()
+    results = []
+    for E, plan in ((W, Plan(r=0)), (W, Plan(r=1, d=2)), (2 * W, Plan(r=0))):
+        case = dict(E=E, k=2, cf=0.0, act="swiglu", seed=5, tokens=[12] * W)
+        own = MoELayer(M, H, E, top_k=2, capacity_factor=0.0, activation="swiglu", seed=5, bias=False)
+        own = own.double()
+        stored = MoELayer(
+            M,
+            H,
+            E,
+            top_k=2,
+            capacity_factor=0.0,
+            activation="swiglu",
+            seed=5,
+            bias=False,
+            build_experts=lambda layout, own=own: _TransposedExperts(own.experts),
+        ).double()
+        arrived = []
+        for p in (stored.experts.fc1_stored, stored.experts.fc2_stored):
+            p.register_hook(lambda g, arrived=arrived: arrived.append(g.is_contiguous()))
+        x, probe = _inputs(case, rank)
+        ys = [layer(x, plan=plan) for layer in (own, stored)]
+        for y in ys:
+            (y * probe).sum().backward()
+        results.append(
+            {
+                "y": (ys[0] - ys[1]).abs().max().item(),
+                "fc1": (own.experts.fc1_weight.grad - stored.experts.fc1_stored.grad.transpose(1, 2))
+                .abs()
+                .max()
+                .item(),
+                "fc2": (own.experts.fc2_weight.grad - stored.experts.fc2_stored.grad.transpose(1, 2))
+                .abs()
+                .max()
+                .item(),
+                "arrived_contiguous": arrived,
+            }
+        )
+    return results
+
+
+@pytest.mark.timeout(60)
+def test_experts_stored_transposed_get_contiguous_gradients_in_every_plan(pool):
+    for per_plan in pool.run(transposed_experts_worker):
+        for res in per_plan:
+            assert res["y"] < 1e-12 and res["fc1"] < 1e-12 and res["fc2"] < 1e-12, res
+            assert res["arrived_contiguous"] == [True, True], res
+
+
 def host_syncs_worker() -> dict[str, tuple[int, int]]:
     torch.manual_seed(dist.get_rank())
     W = dist.get_world_size()

@@ -48,6 +48,25 @@ def _join_hidden_blocks(t_gEKX: torch.Tensor, activation: str, *, fc1: bool) -> 
     return t_gEKX.permute(1, 2, 0, 3).reshape(E_, K, g * X)
 
 
+# A shard can be a transposed view of its parameter (transformers' [E, X, M] experts read as fc1
+# [E, M, X]). It is flattened, gathered and handed on in its memory order, so that the gathered
+# weights are views with the shard's strides and the reduce-scattered gradient reaches the
+# parameter contiguous, as every plan's gradients do (ops.expert_ffn._weight_grad_like).
+
+
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """t's dims from outermost to innermost in memory, when t.permute(them) is contiguous (a dense
+    view such as a transpose); otherwise t's own order."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return order if t.permute(order).is_contiguous() else list(range(t.dim()))
+
+
+def _stacked_like(flat_gN: torch.Tensor, t: torch.Tensor, order: list[int], size: int) -> torch.Tensor:
+    """[size, numel] flattened in `order` -> [size, *t.shape], each shard with t's strides."""
+    back = [order.index(d) + 1 for d in range(t.dim())]
+    return flat_gN.view(size, *(t.shape[d] for d in order)).permute(0, *back)
+
+
 def gather_weights(experts: Experts, group, size: int, dtype: torch.dtype | None = None) -> ExpertWeights:
     """All-gather the shards of `size` consecutive ranks in ONE collective (backward: one
     reduce-scatter). With size == s the result is whole experts; with size == W, all E experts.
@@ -59,13 +78,19 @@ def gather_weights(experts: Experts, group, size: int, dtype: torch.dtype | None
         for p in (experts.fc1_weight, experts.fc1_bias, experts.fc2_weight, experts.fc2_bias)
         if p is not None
     ]
-    flat = torch.cat([p.reshape(-1) for p in params])
+    orders = [_memory_order(p) for p in params]
+    flat = torch.cat([p.permute(order).reshape(-1) for p, order in zip(params, orders, strict=True)])
     gathered = all_gather_shards(flat, group, dtype=dtype)  # [size, numel]
-    pieces = iter(gathered.split([p.numel() for p in params], dim=1))
-    w1 = next(pieces).view(size, *experts.fc1_weight.shape)
-    b1 = next(pieces).view(size, *experts.fc1_bias.shape) if experts.has_bias else None
-    w2 = next(pieces).view(size, *experts.fc2_weight.shape)
-    b2 = next(pieces).view(size, *experts.fc2_bias.shape) if experts.has_bias else None
+    pieces = iter(
+        _stacked_like(piece, p, order, size)
+        for piece, p, order in zip(
+            gathered.split([p.numel() for p in params], dim=1), params, orders, strict=True
+        )
+    )
+    w1 = next(pieces)
+    b1 = next(pieces) if experts.has_bias else None
+    w2 = next(pieces)
+    b2 = next(pieces) if experts.has_bias else None
     s = L.shards_per_expert
     blocks = min(size, s)  # hidden slices joined per expert; the rest of `size` are whole experts
     experts_out = size // blocks * L.local_experts

@@ -62,11 +62,15 @@ def _memory_order(t: torch.Tensor) -> list[int]:
 
 
 def _stacked_like(flat_gN: torch.Tensor, t: torch.Tensor, order: list[int], size: int) -> torch.Tensor:
-    """[size, numel] flattened in `order` -> [size, *t.shape], each shard with t's strides. One
-    straight copy out of the gathered buffer (whose rows interleave all the parameters) first, so
-    that the joins that follow are views: copying after the permutation would transpose on CPU."""
+    """[size, numel] flattened in `order` -> [size, *t.shape], each shard with t's strides."""
+    stacked = flat_gN.view(size, *(t.shape[d] for d in order))
+    if order == sorted(order):
+        return stacked
+    # a straight copy out of the gathered buffer (whose rows interleave all the parameters) before
+    # the permutation, so that the joins after it are views: a copy after it would transpose, which
+    # made r = 0 steps on transformers' experts 6% slower on CPU
     back = [order.index(d) + 1 for d in range(t.dim())]
-    return flat_gN.view(size, *(t.shape[d] for d in order)).contiguous().permute(0, *back)
+    return stacked.contiguous().permute(0, *back)
 
 
 def gather_weights(experts: Experts, group, size: int, dtype: torch.dtype | None = None) -> ExpertWeights:

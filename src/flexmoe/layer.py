@@ -193,12 +193,22 @@ class MoELayer(nn.Module):
             )
 
     def _check_all_to_all(self) -> None:
-        """A fixed "2dh" that cannot run is refused now, as a forced Plan(all_to_all="2dh") is, rather
-        than silently running flat (one process runs every plan locally, so it accepts it)."""
-        if self.config.all_to_all == "2dh" and self.layout.world_size > 1 and not self.groups.supports_2dh:
+        """A fixed exchange that cannot run is refused now, as a forced Plan with it is, rather than
+        silently running another (one process runs every plan locally, so it accepts any)."""
+        if self.layout.world_size > 1 and self.config.all_to_all != "auto":
+            self._check_exchange(self.config.all_to_all)
+
+    def _check_exchange(self, algorithm: str) -> None:
+        W = self.layout.world_size
+        if algorithm == "2dh" and not self.groups.supports_2dh:
             raise ValueError(
                 "all_to_all='2dh' needs local_world_size L with 1 < L < W and W % L == 0 "
-                f"(W={self.layout.world_size}, L={self.groups.local_world_size}); use 'flat' or 'auto'"
+                f"(W={W}, L={self.groups.local_world_size}); use 'flat'"
+            )
+        if algorithm == "dedup" and self.layout.shards_per_expert > 1:
+            raise ValueError(
+                f"all_to_all='dedup' sends tokens to whole experts: it needs num_experts >= W "
+                f"(E={self.config.num_experts}, W={W}); use 'flat'"
             )
 
     @property
@@ -266,11 +276,7 @@ class MoELayer(nn.Module):
         """(the plan to record, the strategy that runs it). One process: every plan is the same local
         computation, which runs as the static default, but last_plan records the plan asked for."""
         run = STATIC_DEFAULT if self.layout.world_size == 1 else plan
-        if run.all_to_all == "2dh" and not self.groups.supports_2dh:
-            raise ValueError(
-                "all_to_all='2dh' needs local_world_size L with 1 < L < W and W % L == 0 "
-                f"(W={self.layout.world_size}, L={self.groups.local_world_size}); use 'flat'"
-            )
+        self._check_exchange(run.all_to_all)
         if run not in self._strategies:
             self._strategies[run] = build_strategy(run, self.experts, self.groups)
         return plan, self._strategies[run]

@@ -165,6 +165,7 @@ DIST_CASES = [  # (E, plan): E = 2 is plain EP at r = 1; E = 1 shares one expert
     (1, Plan(r=0)),
     (1, Plan(r=1, d=2)),
     (1, Plan(r=2, d=1)),
+    (2, Plan(r=1, all_to_all="dedup")),
 ]
 
 
@@ -184,8 +185,8 @@ def _spy(log: list):
     reducing = []  # gloo's reduce-scatter runs as an all-to-all: its payload is logged as the scatter's
 
     def a2a(out, x, *args, **kwargs):
-        if x.is_floating_point() and not reducing:
-            log.append(("all_to_all", x.dtype))
+        if x.is_floating_point() and not reducing:  # 1-wide: the gate weights "dedup" sends beside
+            log.append(("all_to_all" if x.dim() > 1 else "gate_weights", x.dtype))
         return originals[0](out, x, *args, **kwargs)
 
     def gather(out, x, group, **kwargs):
@@ -261,6 +262,8 @@ def test_two_ranks_move_bf16_and_match_one_process(pool):
                 assert kinds["all_to_all"] == {LOW}, (where, got["log"])
                 if num_experts == 1 and plan.r == 1:  # both ranks' hidden slices gathered in bf16
                     assert kinds["all_gather"] == {LOW}, (where, got["log"])
+            weights = {dt for k, dt in got["log"] if k == "gate_weights"}
+            assert weights == ({torch.float32} if plan.all_to_all == "dedup" else set()), (where, got["log"])
             scatters = {dt for k, dt in got["log"] if k == "reduce_scatter"}
             assert scatters <= {torch.float32}, (where, got["log"])  # grads summed in the master dtype
         for rank in range(2):

@@ -33,6 +33,8 @@ def _cases(W: int) -> list[dict]:
         plans = [Plan(r=0)] + [
             Plan(r=r, d=d, all_to_all=a) for r, d, a in itertools.product(divisors(s), (1, 2, 4), algorithms)
         ]
+        if s == 1:  # whole experts: each token sent once per rank
+            plans += [Plan(r=1, all_to_all="dedup")] * 3
         for i, plan in enumerate(plans):
             cases.append(
                 dict(
@@ -48,15 +50,21 @@ def _cases(W: int) -> list[dict]:
     # dropless with uneven token counts, including an empty rank
     for E in (1, 2, 8):
         s = max(1, W // E)
-        for r in (0, *divisors(s)):
+        dedup = [Plan(r=1, all_to_all="dedup")] if s == 1 else []
+        if s == 1 and E > 1:  # scores before the experts; a shared expert beside them
+            for extra in ({"post": False}, {"shared": 8}):
+                cases.append(
+                    dict(E=E, plan=dedup[0], k=2, cf=0.0, act="gelu", seed=3 + E, tokens=[9] * W, **extra)
+                )
+        for plan in [Plan(r=r, d=2) for r in (0, *divisors(s))] + dedup:
             cases.append(
                 dict(
                     E=E,
-                    plan=Plan(r=r, d=2),
+                    plan=plan,
                     k=min(2, E),
                     cf=0.0,
                     act="silu",
-                    seed=7 + E + r,
+                    seed=7 + E + plan.r + len(cases),
                     tokens=[5 + 7 * i if i != 1 else 0 for i in range(W)],
                 )
             )
@@ -122,6 +130,8 @@ def _make_layer(case: dict) -> MoELayer:
         top_k=case["k"],
         capacity_factor=case["cf"],
         activation=case["act"],
+        is_postscore=case.get("post", True),
+        shared_hidden_dim=case.get("shared", 0),
         seed=case["seed"],
         dtype=torch.float64,
         local_world_size=2,
@@ -321,6 +331,60 @@ def test_the_flat_exchange_carries_only_the_rows_that_hold_a_token(pool, d):
             assert len(rows) == 2 * d and sum(rows[:d]) == T and sum(rows[d:]) == res["received"], res
 
 
+def dedup_rows_worker() -> dict:
+    """Every token routed to every expert (k = E = 2W): the token rows each all-to-all carries under
+    all_to_all "dedup", forward and backward."""
+    W = dist.get_world_size()
+    E, T = 2 * W, 6
+    layer = MoELayer(M, H, E, top_k=E, capacity_factor=0.0, seed=5, dtype=torch.float64, gate=None)
+    carried: list[int] = []  # rows of width M (tokens); the assignments' rows and weights are 1-wide
+    real = layer.groups.all_to_all_rows_start
+
+    def counting(x, send_rows, recv_rows, **kwargs):
+        if x.dim() == 2 and x.shape[1] == M:
+            carried.append(sum(send_rows))
+        return real(x, send_rows, recv_rows, **kwargs)
+
+    layer.groups.all_to_all_rows_start = counting
+    x = torch.randn(T, M, dtype=torch.float64, requires_grad=True)
+    top_k_index = torch.arange(E).repeat(T, 1)
+    top_k_weights = torch.full((T, E), 1 / E, dtype=torch.float64)
+    y = layer(x, plan=Plan(r=1, all_to_all="dedup"), top_k_index=top_k_index, top_k_weights=top_k_weights)
+    forward = list(carried)
+    y.sum().backward()
+    return {"forward": forward, "backward": carried[len(forward) :]}
+
+
+@pytest.mark.timeout(60)
+def test_dedup_sends_each_token_once_to_each_rank(pool):
+    W, T = pool.world_size, 6
+    for res in pool.run(dedup_rows_worker):
+        # out: T rows to each of the W ranks (flat would send T * 2W), back: the T each rank received
+        # from each; backward the same, reversed
+        assert res["forward"] == [W * T, W * T] and res["backward"] == [W * T, W * T], res
+
+
+def dedup_on_split_experts_worker() -> list[str]:
+    """all_to_all "dedup" with fewer experts than ranks (a fixed setting, then a forced plan)."""
+    messages = []
+    for make, call in (
+        (lambda: MoELayer(M, H, 1, top_k=1, seed=1, all_to_all="dedup"), None),
+        (lambda: MoELayer(M, H, 1, top_k=1, seed=1), Plan(r=1, all_to_all="dedup")),
+    ):
+        try:
+            layer = make()
+            layer(torch.randn(4, M), plan=call)
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
+
+
+@pytest.mark.timeout(60)
+def test_dedup_on_experts_split_across_ranks_is_refused(pool):
+    for messages in pool.run(dedup_on_split_experts_worker):
+        assert len(messages) == 2 and all("dedup' sends tokens to whole experts" in m for m in messages)
+
+
 class _TransposedExperts(torch.nn.Module):
     """The Experts interface over weights stored transposed, as transformers stores its experts
     ([L, X, M] and [L, M, H]): fc1 and fc2 are transposed views (integrations' HostExperts alike)."""
@@ -405,7 +469,7 @@ def host_syncs_worker() -> dict[str, tuple[int, int]]:
     x, out = torch.randn(32, M, requires_grad=True), {}
     algorithms = ("flat", "2dh") if W == 4 else ("flat",)
     plans = [Plan(r=0), *(Plan(r=1, d=d, all_to_all=a) for a in algorithms for d in (1, 2, 4))]
-    for plan in plans:
+    for plan in [*plans, Plan(r=1, all_to_all="dedup")]:
         nodes = {"local_world_size": 2} if W == 4 else {}  # 2DH: two nodes of two ranks
         layer = MoELayer(M, H, 2 * W, top_k=2, capacity_factor=0.0, seed=0, **nodes)
         with count_host_syncs() as forward:
@@ -421,10 +485,12 @@ def test_a_forward_waits_on_the_host_only_for_what_dropless_routing_needs(pool):
     """On a GPU each host sync stalls the launch queue. A dropless forward needs: this rank's capacity
     (its fullest expert) and the group's agreed one; then the rows per expert for r = 0's grouped
     GEMMs, or, for the exchange, the rows this rank sends and the rows it receives (2DH's fixed-size
-    blocks: only the latter). The exchange's d chunks add none, and backward none at all."""
+    blocks: only the latter; "dedup": the counts of tokens and assignments both ways, read at once).
+    The exchange's d chunks add none, and backward none at all."""
     for counts in pool.run(host_syncs_worker):
-        r0, *r1 = counts.values()
+        r0, *r1, dedup = counts.values()
         assert r0 == (3, 0) and r1 == [(4, 0)] * 3 + [(3, 0)] * (3 if pool.world_size == 4 else 0), counts
+        assert dedup == (3, 0), counts
 
 
 def tuner_node_size_worker() -> int:

@@ -18,6 +18,7 @@ CASES = [  # (E, plan, gated, activation); E = 1 < W = 2: two ranks share the ex
     (1, Plan(r=1, d=2), True, "gelu"),
     (1, Plan(r=2, d=1), False, "relu"),
     (1, Plan(r=2, d=2), True, "swiglu"),
+    (4, Plan(r=1, all_to_all="dedup"), True, "swiglu"),  # not overlapped: the shared experts run after
 ]
 
 

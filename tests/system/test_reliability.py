@@ -112,6 +112,7 @@ def test_capacity_never_exceeds_the_token_count():
         (dict(parallelism=1.5), "parallelism must be 'adaptive' or an int"),
         (dict(pipeline_degree=0), "pipeline_degree must be a positive integer"),
         (dict(all_to_all="ring"), "all_to_all must be one of"),
+        (dict(all_to_all="dedup", pipeline_degree=2), "all_to_all='dedup' is not pipelined"),
         (dict(local_world_size=0), "local_world_size must be a positive integer"),
     ],
 )

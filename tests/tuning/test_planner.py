@@ -15,6 +15,7 @@ from flexmoe.tuning.cost_model import (
     candidate_plans,
     expert_flops,
     gather_bytes,
+    token_rows,
     with_node_size,
 )
 
@@ -31,6 +32,44 @@ def test_candidate_plans_cover_every_valid_degree():
     assert {p.d for p in plans if p.r} == {1, 2, 4, 8}
     assert {p.all_to_all for p in plans if p.r} == {"flat", "2dh"}
     assert [p for p in plans if p.r == 0] == [Plan(r=0)]
+
+
+def test_dedup_is_a_candidate_for_whole_experts_and_several_choices_only():
+    dedup = Plan(r=1, d=1, all_to_all="dedup")
+    assert dedup in candidate_plans(_shape(16, E=64), two_dh=True)
+    assert dedup not in candidate_plans(_shape(16, E=4), two_dh=True)  # s = 4: experts split
+    one_choice = LayerShape(
+        model_dim=8, hidden_dim=8, num_experts=4, world_size=2, capacity=4, tokens=8, top_k=1
+    )
+    assert dedup not in candidate_plans(one_choice, two_dh=False)  # a token goes to one rank anyway
+    with pytest.raises(ValueError, match="not pipelined"):
+        Plan(r=1, d=2, all_to_all="dedup")
+
+
+def test_token_rows_count_each_token_once_per_rank_holding_its_experts():
+    def shape(W, k, T=1000):
+        return LayerShape(
+            model_dim=8, hidden_dim=8, num_experts=64, world_size=W, capacity=T, tokens=T, top_k=k
+        )
+
+    # k = 8 over W = 2 ranks: nearly every token goes to both ranks, 2 rows instead of 8
+    assert token_rows(shape(2, 8)) == pytest.approx(2 * 1000 * (1 - 0.5**8))
+    # k = 1: one row a token, as the per-assignment exchange
+    assert token_rows(shape(8, 1)) == pytest.approx(1000)
+    # many ranks: the k choices rarely share one, so it sends almost the k rows of the flat exchange
+    assert token_rows(shape(2048, 2)) == pytest.approx(2 * 1000, rel=1e-3)
+
+
+def test_dedup_wins_when_choices_share_ranks_and_not_when_they_spread():
+    few_ranks = LayerShape(
+        model_dim=2048, hidden_dim=1024, num_experts=64, world_size=8, capacity=256, tokens=2048, top_k=8
+    )
+    many_ranks = LayerShape(
+        model_dim=2048, hidden_dim=1024, num_experts=2048, world_size=2048, capacity=8, tokens=4096, top_k=2
+    )
+    dedup, flat = Plan(r=1, d=1, all_to_all="dedup"), Plan(r=1, d=1, all_to_all="flat")
+    assert A100.step_time(few_ranks, dedup) < A100.step_time(few_ranks, flat)
+    assert A100.step_time(many_ranks, dedup) > A100.step_time(many_ranks, flat)
 
 
 def test_2dh_wins_over_flat_when_messages_are_small_and_many():

@@ -35,6 +35,7 @@ from flexmoe.bench.common import (
     rates_from_times,
     synchronize,
 )
+from flexmoe.core.config import ALL_TO_ALL_ALGORITHMS
 from flexmoe.json_file import write_json
 
 MODEL = dict(
@@ -386,14 +387,23 @@ def two_process(
 
 
 def _layer_options(parser: ArgumentParser, plan: str) -> dict:
-    """--plan: "adaptive" -> {} (the tuner decides); "r,d" -> that plan with the flat all-to-all."""
+    """--plan: "adaptive" -> {} (the tuner decides); "r,d" or "r,d,algorithm" -> that plan (flat when
+    no algorithm is named)."""
     if plan == "adaptive":
         return {}
-    try:
-        r, d = (int(v) for v in plan.split(","))
-    except ValueError:
-        parser.error(f"argument --plan: must be 'adaptive' or r,d (two integers), got {plan!r}")
-    return dict(parallelism=r, pipeline_degree=d, all_to_all="flat")
+    parts = plan.split(",")
+    if len(parts) == 2:
+        parts.append("flat")
+    if (
+        len(parts) != 3
+        or not (parts[0].isdigit() and parts[1].isdigit())
+        or parts[2] not in ALL_TO_ALL_ALGORITHMS
+    ):
+        parser.error(
+            f"argument --plan: must be 'adaptive', r,d or r,d,algorithm (two integers, then one of "
+            f"{ALL_TO_ALL_ALGORITHMS}), got {plan!r}"
+        )
+    return dict(parallelism=int(parts[0]), pipeline_degree=int(parts[1]), all_to_all=parts[2])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,7 +13,7 @@ from flexmoe.core.layout import ACTIVATIONS
 GATES = ("linear", "cosine")
 AUX_LOSSES = ("gshard", "importance_load")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
-ALL_TO_ALL_ALGORITHMS = ("flat", "2dh")
+ALL_TO_ALL_ALGORITHMS = ("flat", "2dh", "dedup")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -178,6 +178,11 @@ class MoEConfig:
             raise ValueError(f"parallelism must be 'adaptive' or an int r >= 0, got {self.parallelism!r}")
         if self.pipeline_degree != "adaptive":
             check_positive_int("pipeline_degree", self.pipeline_degree)
+        if self.all_to_all == "dedup" and self.pipeline_degree not in ("adaptive", 1):
+            raise ValueError(
+                f"all_to_all='dedup' is not pipelined: pipeline_degree must be 'adaptive' or 1, "
+                f"got {self.pipeline_degree!r}"
+            )
         if self.local_world_size is not None:
             check_positive_int("local_world_size", self.local_world_size)
         check_finite_number("expert_bias_update_rate", self.expert_bias_update_rate, at_least=0)

@@ -14,7 +14,9 @@ from flexmoe.core.config import ALL_TO_ALL_ALGORITHMS
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     """r: 0 = data parallel, r >= 1 = expert parallel with r-way model parallel inside an expert;
-    d: number of capacity chunks the all-to-all is pipelined in; all_to_all: "flat" or "2dh"."""
+    d: number of capacity chunks the all-to-all is pipelined in; all_to_all: "flat" or "2dh" (each
+    assignment of a token to an expert travels), or "dedup" (each token travels once to each rank
+    that holds any of its experts; r = 1 on whole experts, d = 1)."""
 
     r: int = 1
     d: int = 1
@@ -27,6 +29,8 @@ class Plan:
             raise ValueError(f"d must be an int >= 1, got {self.d!r}")
         if self.all_to_all not in ALL_TO_ALL_ALGORITHMS:
             raise ValueError(f"all_to_all must be one of {ALL_TO_ALL_ALGORITHMS}, got {self.all_to_all!r}")
+        if self.all_to_all == "dedup" and self.d != 1:
+            raise ValueError(f"all_to_all='dedup' is not pipelined: d must be 1, got {self.d}")
 
     def describe(self) -> str:
         return f"r={self.r} d={self.d} {self.all_to_all}"

@@ -40,6 +40,7 @@ __all__ = [
     "all_gather_shards",
     "all_reduce_max",
     "all_to_all",
+    "all_to_all_rows",
     "control_device",
     "group_size_and_rank",
     "max_over_ranks",
@@ -524,6 +525,28 @@ def all_to_all(x: torch.Tensor, groups: ExpertGroups, algorithm: str = "flat") -
             raise ValueError(f"all-to-all buffer must have W=1 as its first dimension, got {tuple(x.shape)}")
         return x
     return _AllToAll.apply(x, groups, algorithm)
+
+
+class _AllToAllRows(torch.autograd.Function):
+    @staticmethod
+    @amp_forward(cast_inputs=False)
+    def forward(ctx, x_RM: torch.Tensor, groups: ExpertGroups, send_rows: tuple, recv_rows: tuple):
+        ctx.groups, ctx.send_rows, ctx.recv_rows = groups, send_rows, recv_rows
+        return groups.all_to_all_rows_start(x_RM, send_rows, recv_rows).wait()
+
+    @staticmethod
+    @amp_backward
+    def backward(ctx, grad_RM: torch.Tensor):
+        # the rows came back the way they went: the gradient takes the exchange with the counts swapped
+        grad = ctx.groups.all_to_all_rows_start(grad_RM.contiguous(), ctx.recv_rows, ctx.send_rows).wait()
+        return grad, None, None, None
+
+
+def all_to_all_rows(
+    x_RM: torch.Tensor, groups: ExpertGroups, send_rows: Sequence[int], recv_rows: Sequence[int]
+) -> torch.Tensor:
+    """Differentiable flat all-to-all of rows of any count (see ExpertGroups.all_to_all_rows_start)."""
+    return _AllToAllRows.apply(x_RM, groups, tuple(send_rows), tuple(recv_rows))
 
 
 class _AllGatherShards(torch.autograd.Function):

@@ -224,4 +224,8 @@ class ExpertParallelStrategy:
 def build_strategy(plan: Plan, experts: Experts, groups: ExpertGroups):
     if groups.world_size == 1 or plan.r == 0:
         return LocalStrategy(experts, groups)
+    if plan.all_to_all == "dedup":
+        from flexmoe.parallel.token_exchange import TokenExchangeStrategy
+
+        return TokenExchangeStrategy(experts, groups, plan)
     return ExpertParallelStrategy(experts, groups, plan)

@@ -171,6 +171,14 @@ def all_to_all_bytes(shape: LayerShape, plan: Plan) -> float:
     return shape.num_experts * plan.r * shape.capacity * shape.model_dim * shape.bytes_per_element
 
 
+def token_rows(shape: LayerShape) -> float:
+    """Rows one rank sends in ONE exchange of all_to_all "dedup": each token once to every rank that
+    holds any of its k experts; with experts drawn uniformly, T * W * (1 - (1 - 1/W)^k), at most
+    the assignments it keeps."""
+    W, k = shape.world_size, shape.top_k
+    return min(shape.filled_rows, shape.tokens * W * (1 - (1 - 1 / W) ** k))
+
+
 def gathered_ranks(shape: LayerShape, plan: Plan) -> int:
     """g: how many ranks' shards one rank all-gathers (W for r = 0, s / r for r >= 1)."""
     return shape.world_size if plan.r == 0 else shape.shards_per_expert // plan.r
@@ -186,11 +194,15 @@ def gather_bytes(shape: LayerShape, plan: Plan, *, master: bool = False) -> floa
 
 
 def candidate_plans(shape: LayerShape, *, two_dh: bool, degrees=(1, 2, 4, 8)) -> list[Plan]:
-    """Every plan of the tuner's space: r = 0, every divisor r of s, times d, times the algorithms."""
+    """Every plan of the tuner's space: r = 0, every divisor r of s, times d, times the algorithms;
+    with whole experts per rank (s = 1) and k > 1, r = 1 with each token sent once per rank ("dedup",
+    d = 1)."""
     algorithms = ("flat", "2dh") if two_dh else ("flat",)
     plans = [Plan(r=0)]
     for r in divisors(shape.shards_per_expert):
         plans += [Plan(r=r, d=d, all_to_all=a) for d in degrees for a in algorithms]
+    if shape.shards_per_expert == 1 and shape.top_k > 1:
+        plans.append(Plan(r=1, d=1, all_to_all="dedup"))
     return plans
 
 
@@ -257,6 +269,14 @@ class CostModel:
             memory += 4 * g * gather_bytes(shape, plan)  # the gathered copy and its gradient
         if plan.r == 0:
             experts_per_call, calls = shape.num_experts, 1
+        elif plan.all_to_all == "dedup":
+            nbytes = token_rows(shape) * M * b
+            bw, lat, _ = self.all_to_all_parts(nbytes, W, "flat")
+            t["bandwidth"] += 4 * bw
+            # + the small exchanges: the counts, the assignments' rows and gate weights (and their gradient)
+            t["latency"] += 8 * lat + c.launch_overhead
+            memory += 8 * nbytes  # the sent rows gathered, and the returned rows added, both ways
+            experts_per_call, calls = shape.local_experts, 1
         else:
             d = plan.d
             bw, lat, transform = self.all_to_all_parts(all_to_all_bytes(shape, plan) / d, W, plan.all_to_all)

@@ -11,7 +11,8 @@ is flexmoe's own layout for E >= W), applies FSDP2 to the rest, and hands each M
 with the model's routing (top_k_index [T, k] global ids, top_k_weights [T, k]), to this
 implementation. It runs them through a flexmoe MoELayer without a gate over transformers' EP group:
 capacity agreed across the group, flexmoe's plans (r = 1: the pipelined all-to-all, d chunks, flat
-or 2DH; r = 0: all-gather the experts, no token moves) chosen by its run-time tuner, on the module's
+or 2DH, or each token once to each rank that holds any of its experts, "dedup"; r = 0: all-gather the
+experts, no token moves) chosen by its run-time tuner, on the module's
 own parameters (HostExperts). Gradients: an expert's is that of the sum of the group's losses, as
 under transformers' "all_to_all"; FSDP2 then divides it as it does for that one.
 

@@ -1,0 +1,111 @@
+"""r = 1 with each token sent once to each rank that holds any of its experts (all_to_all "dedup").
+
+Legend: T tokens of this rank, M model dim, W ranks, L local experts (whole experts, E >= W),
+N kept assignments (grouped by expert, so by destination rank), S token rows sent (one per token and
+destination rank), R token rows received, Q assignments received.
+
+The per-assignment exchange ("flat", "2dh") sends a token once per chosen expert: with top-k routing
+over few ranks most copies go to the same rank (k = 8 over W = 2: about 4 copies of every token to
+the other rank). Here a rank receives each token once, with the token's assignments to its experts
+(row, gate weight), runs its experts on them and sums a token's weighted outputs before sending one
+row back, so both directions carry rows per (token, rank) instead of per (token, expert):
+
+    x_TM --rows S--> x_RM --assignments Q, grouped by local expert--> grouped FFN, weighted, summed
+         per received token (ops.expert_ffn.packed_moe) --> y_RM --rows back--> y_TM (index_add)
+
+One exchange of counts (per destination: tokens, and assignments per local expert) lets every rank
+size its buffers; it is the only host read. Not pipelined (d = 1) and whole experts only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import accumulate
+from typing import Any
+
+import torch
+from torch.profiler import record_function
+
+from flexmoe.core.experts import Experts
+from flexmoe.core.plans import Plan
+from flexmoe.core.routing import RoutingPlan
+from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
+from flexmoe.ops.runs import concatenated_runs, host_ints_to
+from flexmoe.parallel.comm import ExpertGroups, all_to_all_rows
+
+
+def _exclusive(values: list[int]) -> list[int]:
+    return list(accumulate(values, initial=0))[:-1]
+
+
+class TokenExchangeStrategy:
+    """Plan(r=1, d=1, all_to_all="dedup") on whole experts (E >= W)."""
+
+    capacity_multiple = 1
+
+    def __init__(self, experts: Experts, groups: ExpertGroups, plan: Plan):
+        layout = experts.layout
+        assert plan.r == 1 and plan.d == 1 and layout.shards_per_expert == 1, plan
+        self.experts, self.groups, self.plan = experts, groups, plan
+
+    def weights(self, dtype: torch.dtype | None = None) -> ExpertWeights:
+        return self.experts.local_weights(dtype)
+
+    def __call__(
+        self,
+        x_TM: torch.Tensor,
+        routing: RoutingPlan,
+        *,
+        is_postscore: bool,
+        dtype: torch.dtype | None = None,
+        beside: Callable[[], Any] | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """(the routed experts' output, beside()); `beside` runs after the exchange."""
+        layout, groups = self.experts.layout, self.groups
+        W, L, T = layout.world_size, layout.local_experts, x_TM.shape[0]
+        device = x_TM.device
+        with record_function("flexmoe.dispatch"):
+            expert_N = routing.slot_N // routing.buffer_capacity
+            rank_N = expert_N // L
+            sent_WT = torch.zeros(W, T, dtype=torch.bool, device=device)
+            sent_WT[rank_N, routing.token_N] = True
+            row_WT = sent_WT.cumsum(1) - 1  # a sent token's row within its destination's block
+            counts_WK = torch.cat([sent_WT.sum(1, keepdim=True), routing.kept_E.to(device).view(W, L)], 1)
+            recv_WK = groups.all_to_all_start(counts_WK, "flat").wait()
+            # per rank j: [tokens, assignments to each of the L local experts], sent to j / received from j
+            sent_to, received_from = torch.stack([counts_WK, recv_WK]).tolist()
+        with record_function("flexmoe.exchange"):
+            sent, received = [c[0] for c in sent_to], [c[0] for c in received_from]
+            assignments_out = [sum(c[1:]) for c in sent_to]
+            assignments_in = [sum(c[1:]) for c in received_from]
+            token_S = torch.nonzero_static(sent_WT.view(-1), size=sum(sent)).squeeze(1) % max(T, 1)
+            compute = x_TM.to(dtype or x_TM.dtype)
+            x_RM = all_to_all_rows(compute.index_select(0, token_S), groups, sent, received)
+            row_Q = groups.all_to_all_rows_start(
+                row_WT[rank_N, routing.token_N], assignments_out, assignments_in
+            ).wait()
+            weight_Q = all_to_all_rows(routing.weight_N, groups, assignments_out, assignments_in)
+        with record_function("flexmoe.experts"):
+            # received assignments come per source rank, each grouped by local expert: regroup them by
+            # local expert (then source rank), their rows offset into the received token rows
+            block_start, token_start = _exclusive(assignments_in), _exclusive(received)
+            expert_start = [_exclusive(c[1:]) for c in received_from]
+            order_Q = concatenated_runs(
+                [block_start[j] + expert_start[j][e] for e in range(L) for j in range(W)],
+                [received_from[j][1 + e] for e in range(L) for j in range(W)],
+                device,
+            )
+            token_start_W, assignments_W = host_ints_to([token_start, assignments_in], device)
+            base_Q = torch.repeat_interleave(token_start_W, assignments_W, output_size=sum(assignments_in))
+            y_RM = packed_moe(
+                x_RM,
+                (row_Q + base_Q).index_select(0, order_Q),
+                weight_Q.index_select(0, order_Q),
+                self.weights(compute.dtype),
+                tuple(sum(c[1 + e] for c in received_from) for e in range(L)),
+                is_postscore=is_postscore,
+            )
+        with record_function("flexmoe.combine"):
+            y_SM = all_to_all_rows(y_RM, groups, received, sent)
+            y_TM = y_SM.new_zeros(T, y_SM.shape[1]).index_add(0, token_S, y_SM)
+        return y_TM, None if beside is None else beside()

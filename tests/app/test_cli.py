@@ -74,6 +74,8 @@ def _user_error(capsys, argv: list[str]) -> str:
         (["bench", "layer", "--only", "99"], "--only"),
         (["bench", "swin", "--batch", "x"], "--batch"),
         (["bench", "hf", "--plan", "1"], "--plan"),
+        (["bench", "hf", "--plan", "1,1,ring"], "--plan"),
+        (["bench", "hf", "--plan", "1,x"], "--plan"),
         (["bench", "dist", "--rounds", "x"], "--rounds"),
         (["bench", "dist"], "run under torchrun"),
         (["nonsense"], "command"),
@@ -251,3 +253,13 @@ def test_predict_takes_an_npz_without_labels_a_file_and_a_folder(capsys, trained
 
     line = _user_error(capsys, [*ckpt, str(tmp_path / "missing.png")])
     assert "no such image" in line
+
+
+def test_bench_hf_plan_names_r_d_and_the_exchange():
+    from flexmoe.app.cli_args import ArgumentParser
+    from flexmoe.bench.hf import _layer_options
+
+    parser = ArgumentParser(prog="test")
+    assert _layer_options(parser, "adaptive") == {}
+    assert _layer_options(parser, "1,2") == dict(parallelism=1, pipeline_degree=2, all_to_all="flat")
+    assert _layer_options(parser, "1,1,dedup") == dict(parallelism=1, pipeline_degree=1, all_to_all="dedup")

@@ -25,6 +25,7 @@ from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
 from flexmoe.parallel.chunks import chunk_layout
 from flexmoe.parallel.comm import ExpertGroups, all_gather_shards
 from flexmoe.parallel.pipeline import pipelined_expert_exchange
+from flexmoe.parallel.token_exchange import TokenExchangeStrategy
 
 
 def run_packed(x_TM: torch.Tensor, routing: RoutingPlan, weights: ExpertWeights, *, is_postscore: bool):
@@ -225,7 +226,5 @@ def build_strategy(plan: Plan, experts: Experts, groups: ExpertGroups):
     if groups.world_size == 1 or plan.r == 0:
         return LocalStrategy(experts, groups)
     if plan.all_to_all == "dedup":
-        from flexmoe.parallel.token_exchange import TokenExchangeStrategy
-
         return TokenExchangeStrategy(experts, groups, plan)
     return ExpertParallelStrategy(experts, groups, plan)

@@ -14,7 +14,8 @@ row back, so both directions carry rows per (token, rank) instead of per (token,
          per received token (ops.expert_ffn.packed_moe) --> y_RM --rows back--> y_TM (index_add)
 
 One exchange of counts (per destination: tokens, and assignments per local expert) lets every rank
-size its buffers; it is the only host read. Not pipelined (d = 1) and whole experts only.
+size its buffers; reading them is the strategy's one host sync. Not pipelined (d = 1); whole experts
+only.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ with the model's routing (top_k_index [T, k] global ids, top_k_weights [T, k]), 
 implementation. It runs them through a flexmoe MoELayer without a gate over transformers' EP group:
 capacity agreed across the group, flexmoe's plans (r = 1: the pipelined all-to-all, d chunks, flat
 or 2DH, or each token once to each rank that holds any of its experts, "dedup"; r = 0: all-gather the
-experts, no token moves) chosen by its run-time tuner, on the module's
-own parameters (HostExperts). Gradients: an expert's is that of the sum of the group's losses, as
-under transformers' "all_to_all"; FSDP2 then divides it as it does for that one.
+experts, no token moves) chosen by its run-time tuner, on the module's own parameters (HostExperts).
+Gradients: an expert's is that of the sum of the group's losses, as under transformers' "all_to_all";
+FSDP2 then divides it as it does for that one.
 
 Limits: whole experts per rank only (transformers refuses E % W != 0, and so E < W, when it shards;
 flexmoe's shard_experts splits an expert's hidden dim when E < W); tp_size == 1; the experts run in

@@ -8,7 +8,7 @@ import torch
 
 from flexmoe.bench.host_syncs import count_host_syncs
 from flexmoe.ops.expert_ffn import padded_slots
-from flexmoe.ops.runs import concatenated_runs
+from flexmoe.ops.runs import concatenated_runs, expert_major, starts_of
 
 CPU = torch.device("cpu")
 
@@ -23,6 +23,20 @@ def test_concatenated_runs_are_the_runs_one_after_another(starts, lengths):
         got = concatenated_runs(starts, lengths, CPU)
     assert got.dtype == torch.int64 and got.tolist() == want
     assert sum(syncs.values()) == 0
+
+
+def test_starts_of_consecutive_runs():
+    assert starts_of([2, 0, 3, 1]) == [0, 2, 2, 5] and starts_of([]) == []
+
+
+@pytest.mark.parametrize("received_WL", [[[2, 0, 1], [1, 3, 0]], [[4]], [[0, 0], [0, 0]], [[1, 2]]])
+def test_expert_major_lists_each_experts_runs_sender_by_sender(received_WL):
+    # the rows as they arrived, each labelled (sender, expert, its index in the run)
+    arrived = [
+        (w, l, j) for w, sender in enumerate(received_WL) for l, n in enumerate(sender) for j in range(n)
+    ]
+    want = sorted(range(len(arrived)), key=lambda i: (arrived[i][1], arrived[i][0], arrived[i][2]))
+    assert expert_major(received_WL, CPU).tolist() == want
 
 
 def test_padded_slots_put_each_group_at_the_start_of_its_padded_block():

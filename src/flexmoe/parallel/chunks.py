@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 
 import torch
 
 from flexmoe.ops.expert_ffn import padded_slots, pays_to_pad
-from flexmoe.ops.runs import concatenated_runs
+from flexmoe.ops.runs import concatenated_runs, expert_major
 from flexmoe.parallel.comm import AllToAllHandle
 
 
@@ -224,11 +223,7 @@ class PackedRoute:
             return
         # flexible row j (expert l, then sender w, then its rows) is a received row of sender w's run
         # for expert l; the runs arrive sender-major
-        start_WL = list(accumulate((rows for sender in received_WL for rows in sender), initial=0))
-        order = [(w, l) for l in range(L) for w in range(W)]
-        source = concatenated_runs(
-            [start_WL[w * L + l] for w, l in order], [received_WL[w][l] for w, l in order], device
-        )
+        source = expert_major(received_WL, device)
         # where each flexible row goes among the rows multiplied (after each expert's padding, if any)
         flexible = padded_slots(sizes, n, device) if self.padded else torch.arange(R, device=device)
         self.inverse = torch.empty_like(flexible).index_copy_(0, source, flexible)

@@ -21,7 +21,6 @@ only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import accumulate
 from typing import Any
 
 import torch
@@ -31,12 +30,8 @@ from flexmoe.core.experts import Experts
 from flexmoe.core.plans import Plan
 from flexmoe.core.routing import RoutingPlan
 from flexmoe.ops.expert_ffn import ExpertWeights, packed_moe
-from flexmoe.ops.runs import concatenated_runs, host_ints_to
+from flexmoe.ops.runs import expert_major, host_ints_to, starts_of
 from flexmoe.parallel.comm import ExpertGroups, all_to_all_rows
-
-
-def _exclusive(values: list[int]) -> list[int]:
-    return list(accumulate(values, initial=0))[:-1]
 
 
 class TokenExchangeStrategy:
@@ -89,14 +84,8 @@ class TokenExchangeStrategy:
         with record_function("flexmoe.experts"):
             # received assignments come per source rank, each grouped by local expert: regroup them by
             # local expert (then source rank), their rows offset into the received token rows
-            block_start, token_start = _exclusive(assignments_in), _exclusive(received)
-            expert_start = [_exclusive(c[1:]) for c in received_from]
-            order_Q = concatenated_runs(
-                [block_start[j] + expert_start[j][e] for e in range(L) for j in range(W)],
-                [received_from[j][1 + e] for e in range(L) for j in range(W)],
-                device,
-            )
-            token_start_W, assignments_W = host_ints_to([token_start, assignments_in], device)
+            order_Q = expert_major([c[1:] for c in received_from], device)
+            token_start_W, assignments_W = host_ints_to([starts_of(received), assignments_in], device)
             base_Q = torch.repeat_interleave(token_start_W, assignments_W, output_size=sum(assignments_in))
             y_RM = packed_moe(
                 x_RM,

@@ -76,6 +76,7 @@ def _user_error(capsys, argv: list[str]) -> str:
         (["bench", "hf", "--plan", "1"], "--plan"),
         (["bench", "hf", "--plan", "1,1,ring"], "--plan"),
         (["bench", "hf", "--plan", "1,x"], "--plan"),
+        (["bench", "hf", "--adamw", "slow"], "--adamw"),
         (["bench", "dist", "--rounds", "x"], "--rounds"),
         (["bench", "dist"], "run under torchrun"),
         (["nonsense"], "command"),

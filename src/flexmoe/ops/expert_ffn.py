@@ -50,11 +50,19 @@ def activation_forward(kind: Activation, hpre_RX: torch.Tensor) -> torch.Tensor:
         return F.silu(hpre_RX)
     if kind == "swiglu":
         gate_RH, up_RH = hpre_RX.chunk(2, dim=-1)
-        return F.silu(gate_RH) * up_RH
+        return F.silu(gate_RH).mul_(up_RH)
     raise ValueError(f"activation must be one of ('gelu', 'relu', 'silu', 'swiglu'), got {kind!r}")
 
 
-def activation_backward(kind: Activation, grad_RH: torch.Tensor, hpre_RX: torch.Tensor, act_RH: torch.Tensor):
+def activation_backward(
+    kind: Activation,
+    grad_RH: torch.Tensor,
+    hpre_RX: torch.Tensor,
+    act_RH: torch.Tensor,
+    *,
+    silu_gate_RH: torch.Tensor | None = None,
+):
+    """d activation / d hpre; for swiglu, silu(gate) when the caller has it (activation_from_kept)."""
     if isinstance(kind, CustomActivation):  # its graph, built again from hpre
         with torch.enable_grad():
             h_RX = hpre_RX.detach().requires_grad_()
@@ -72,7 +80,7 @@ def activation_backward(kind: Activation, grad_RH: torch.Tensor, hpre_RX: torch.
     grad_RX = hpre_RX.new_empty(hpre_RX.shape)
     torch.mul(grad_RH, up_RH, out=grad_RX[..., H:])
     torch.ops.aten.silu_backward.grad_input(grad_RX[..., H:], gate_RH, grad_input=grad_RX[..., :H])
-    torch.mul(grad_RH, F.silu(gate_RH), out=grad_RX[..., H:])
+    torch.mul(grad_RH, F.silu(gate_RH) if silu_gate_RH is None else silu_gate_RH, out=grad_RX[..., H:])
     return grad_RX
 
 
@@ -87,9 +95,20 @@ def activate_kept(kind: Activation, hpre_RX: torch.Tensor) -> torch.Tensor:
     return hpre_RX.clamp_min_(0) if kind == "relu" else activation_forward(kind, hpre_RX)
 
 
-def activation_from_kept(kind: Activation, kept_RX: torch.Tensor) -> torch.Tensor:
-    """The activation in backward, from what forward kept (activate_kept)."""
-    return kept_RX if kind == "relu" else activation_forward(kind, kept_RX)
+def owns_activation(kind: Activation) -> bool:
+    """Whether the activation is a tensor of its own, which a caller may scale in place: not ReLU's
+    (the kept hpre itself) nor a custom one's (possibly a view of hpre)."""
+    return kind in ("gelu", "silu", "swiglu")
+
+
+def activation_from_kept(kind: Activation, kept_RX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the activation, silu(gate) for swiglu, else None) in backward, from what forward kept
+    (activate_kept); activation_backward takes silu(gate) instead of computing it a second time."""
+    if kind == "swiglu":
+        gate_RH, up_RH = kept_RX.chunk(2, dim=-1)
+        silu_gate_RH = F.silu(gate_RH)
+        return silu_gate_RH * up_RH, silu_gate_RH
+    return (kept_RX if kind == "relu" else activation_forward(kind, kept_RX)), None
 
 
 @dataclass(frozen=True)
@@ -288,9 +307,9 @@ def ffn_backward(
     if n is not None:
         go_GnM = grad_out_RM.reshape(G, n, -1)
         hpre_GnX, x_GnM = hpre_RX.view(G, n, -1), x_RM.view(G, n, -1)
-        act_GnH = activation_from_kept(w.activation, hpre_GnX)  # forward kept only hpre
+        act_GnH, silu_gate = activation_from_kept(w.activation, hpre_GnX)  # forward kept only hpre
         grad_act = torch.bmm(go_GnM, w.w2_GHM.transpose(1, 2))
-        grad_h = activation_backward(w.activation, grad_act, hpre_GnX, act_GnH)
+        grad_h = activation_backward(w.activation, grad_act, hpre_GnX, act_GnH, silu_gate_RH=silu_gate)
         if need_weight_grads:  # laid out as the weights are (see _weight_grad_like)
             grads.w2_GHM = torch.bmm(act_GnH.transpose(1, 2), go_GnM, out=_weight_grad_like(w.w2_GHM))
             grads.w1_GMX = torch.bmm(x_GnM.transpose(1, 2), grad_h, out=_weight_grad_like(w.w1_GMX))
@@ -308,10 +327,10 @@ def ffn_backward(
     # block by block: the hidden-size gradients of a block stay in cache between their uses
     for block in _blocks(sizes, hpre_RX.shape[1]):
         rows = slice(block.lo, block.hi)
-        act = activation_from_kept(w.activation, hpre_RX[rows])  # forward kept only hpre
+        act, silu_gate = activation_from_kept(w.activation, hpre_RX[rows])  # forward kept only hpre
         grad_act = act.new_empty(act.shape)
         _block_linear(grad_act, grad_out_RM[rows], block, w.w2_GHM.transpose(1, 2), None)
-        grad_h = activation_backward(w.activation, grad_act, hpre_RX[rows], act)
+        grad_h = activation_backward(w.activation, grad_act, hpre_RX[rows], act, silu_gate_RH=silu_gate)
         if need_weight_grads:
             _block_weight_grads(grads.w2_GHM, grads.b2_GM, act, grad_out_RM[rows], block)
             _block_weight_grads(grads.w1_GMX, grads.b1_GX, x_RM[rows], grad_h, block)
@@ -394,9 +413,14 @@ def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscor
         hpre_B = hpre_NX[rows] if keep_hpre else x_B.new_empty(block.hi - block.lo, X)
         _block_linear(hpre_B, x_B, block, w.w1_GMX, w.b1_GX)
         act_B = activate_kept(w.activation, hpre_B)
+        # s * (act @ w2) = (s * act) @ w2: scaling act's H columns instead of the output's M,
+        # unless a bias would then need scaling too
+        scale_act = is_postscore and w.b2_GM is None and owns_activation(w.activation)
+        if scale_act:
+            act_B.mul_(scale_N[rows].unsqueeze(1))
         out_B = x_B.new_empty(act_B.shape[0], y_TM.shape[1])
         _block_linear(out_B, act_B, block, w.w2_GHM, w.b2_GM)
-        if is_postscore:
+        if is_postscore and not scale_act:
             out_B.mul_(scale_N[rows].unsqueeze(1))
         y_TM.index_add_(0, token_N[rows], out_B)
     return y_TM, hpre_NX
@@ -467,7 +491,7 @@ class PackedMoE(torch.autograd.Function):
             s_B1 = scale_N[rows].unsqueeze(1)
             gy_B = grad_y_TM.index_select(0, token_N[rows])  # gradient of the block's (scaled) outputs
             hpre_B = hpre_NX[rows]
-            act_B = activation_from_kept(w.activation, hpre_B)
+            act_B, silu_gate_B = activation_from_kept(w.activation, hpre_B)
             grad_act = act_B.new_empty(act_B.shape)
             _block_linear(grad_act, gy_B, block, w.w2_GHM.transpose(1, 2), None)  # gy @ w2^T
             if post:
@@ -477,9 +501,15 @@ class PackedMoE(torch.autograd.Function):
                         ds += _block_bias_dot(gy_B, b2, block)
                     grad_s[rows] = ds
                 grad_act.mul_(s_B1)
-                gy_B.mul_(s_B1)  # now the gradient of the unscaled expert outputs
-            grad_h = activation_backward(w.activation, grad_act, hpre_B, act_B)
-            del grad_act
+            grad_h = activation_backward(w.activation, grad_act, hpre_B, act_B, silu_gate_RH=silu_gate_B)
+            del grad_act, silu_gate_B
+            if post and need_w:
+                # w2's gradient (s * act)^T @ gy = act^T @ (s * gy): scale the narrower act where
+                # it may be and no bias needs the scaled gy
+                if b2 is None and owns_activation(w.activation):
+                    act_B.mul_(s_B1)
+                else:
+                    gy_B.mul_(s_B1)  # now the gradient of the unscaled expert outputs
             if need_w:
                 _block_weight_grads(gw2, gb2, act_B, gy_B, block)
                 x_B = _gather_rows(x_TM, token_N[rows], None if post else scale_N[rows])

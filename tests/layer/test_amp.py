@@ -185,8 +185,10 @@ def _spy(log: list):
     reducing = []  # gloo's reduce-scatter runs as an all-to-all: its payload is logged as the scatter's
 
     def a2a(out, x, *args, **kwargs):
-        if x.is_floating_point() and not reducing:  # 1-wide: the gate weights "dedup" sends beside
-            log.append(("all_to_all" if x.dim() > 1 else "gate_weights", x.dtype))
+        if x.is_floating_point() and not reducing:
+            # rows of M are tokens; narrower ones what "dedup" sends beside them (assignments' rows
+            # and gate weights) and their gradients
+            log.append(("all_to_all" if x.dim() > 1 and x.shape[1] == M else "assignments", x.dtype))
         return originals[0](out, x, *args, **kwargs)
 
     def gather(out, x, group, **kwargs):
@@ -262,8 +264,9 @@ def test_two_ranks_move_bf16_and_match_one_process(pool):
                 assert kinds["all_to_all"] == {LOW}, (where, got["log"])
                 if num_experts == 1 and plan.r == 1:  # both ranks' hidden slices gathered in bf16
                     assert kinds["all_gather"] == {LOW}, (where, got["log"])
-            weights = {dt for k, dt in got["log"] if k == "gate_weights"}
-            assert weights == ({torch.float32} if plan.all_to_all == "dedup" else set()), (where, got["log"])
+            # the gate weights travel exactly (float64 carries the fp32 weights and the row indices)
+            beside = {dt for k, dt in got["log"] if k == "assignments"}
+            assert beside == ({torch.float64} if plan.all_to_all == "dedup" else set()), (where, got["log"])
             scatters = {dt for k, dt in got["log"] if k == "reduce_scatter"}
             assert scatters <= {torch.float32}, (where, got["log"])  # grads summed in the master dtype
         for rank in range(2):

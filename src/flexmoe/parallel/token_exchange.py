@@ -77,10 +77,12 @@ class TokenExchangeStrategy:
             token_S = torch.nonzero_static(sent_WT.view(-1), size=sum(sent)).squeeze(1) % max(T, 1)
             compute = x_TM.to(dtype or x_TM.dtype)
             x_RM = all_to_all_rows(compute.index_select(0, token_S), groups, sent, received)
-            row_Q = groups.all_to_all_rows_start(
-                row_WT[rank_N, routing.token_N], assignments_out, assignments_in
-            ).wait()
-            weight_Q = all_to_all_rows(routing.weight_N, groups, assignments_out, assignments_in)
+            # per assignment its token's row in the block sent to that rank and its gate weight, in
+            # one message: float64 holds both exactly (rows < 2^53), and the weight's gradient returns
+            row_N, weight_N = row_WT[rank_N, routing.token_N], routing.weight_N
+            meta_N2 = torch.stack([row_N.to(torch.float64), weight_N.to(torch.float64)], 1)
+            meta_Q2 = all_to_all_rows(meta_N2, groups, assignments_out, assignments_in)
+            row_Q, weight_Q = meta_Q2[:, 0].long(), meta_Q2[:, 1].to(weight_N.dtype)
         with record_function("flexmoe.experts"):
             # received assignments come per source rank, each grouped by local expert: regroup them by
             # local expert (then source rank), their rows offset into the received token rows

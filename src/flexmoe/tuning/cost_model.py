@@ -273,8 +273,9 @@ class CostModel:
             nbytes = token_rows(shape) * M * b
             bw, lat, _ = self.all_to_all_parts(nbytes, W, "flat")
             t["bandwidth"] += 4 * bw
-            # + the small exchanges: the counts, the assignments' rows and gate weights (and their gradient)
-            t["latency"] += 8 * lat + c.launch_overhead
+            # + the small exchanges: the counts, the assignments' rows with their gate weights, and
+            # the weights' gradient
+            t["latency"] += 7 * lat + c.launch_overhead
             memory += 8 * nbytes  # the sent rows gathered, and the returned rows added, both ways
             experts_per_call, calls = shape.local_experts, 1
         else:

@@ -12,10 +12,10 @@ from flexmoe.testing.reference import activation as reference_activation
 M, H = 6, 10
 
 
-def _weights(G: int, kind: str, *, bias: bool, seed: int = 0) -> list[torch.Tensor]:
+def _weights(G: int, kind: str, *, bias: bool, seed: int = 0, hidden: int = H) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    X = 2 * H if kind == "swiglu" else H
-    shapes = [(G, M, X), (G, X), (G, H, M), (G, M)]
+    X = 2 * hidden if kind == "swiglu" else hidden
+    shapes = [(G, M, X), (G, X), (G, hidden, M), (G, M)]
     ts = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
     if not bias:
         ts[1] = ts[3] = None
@@ -119,14 +119,18 @@ def _packed_reference(x_TM, token_N, weight_N, params, sizes, kind, *, postscore
 @pytest.mark.parametrize("postscore", [True, False])
 @pytest.mark.parametrize("pad", [False, True], ids=["grouped", "padded-to-equal-groups"])
 @pytest.mark.parametrize("block_elements", [1, 1 << 20], ids=["block-per-group", "one-block"])
-def test_packed_moe_matches_a_per_assignment_loop(kind, bias, postscore, pad, block_elements, monkeypatch):
+@pytest.mark.parametrize("hidden", [H, M - 2], ids=["wider-than-M", "narrower-than-M"])
+def test_packed_moe_matches_a_per_assignment_loop(
+    kind, bias, postscore, pad, block_elements, hidden, monkeypatch
+):
     """The fused gather -> FFN -> gate scaling -> combine, values and every gradient (the gate weights'
-    included), whether groups are padded to one batched GEMM per block or not."""
+    included), whether groups are padded to one batched GEMM per block or not, and whether the gate
+    weight scales the expert output or (narrower, postscore, no output bias) the activation."""
     monkeypatch.setattr(expert_ffn, "_BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(expert_ffn, "pays_to_pad", lambda *args: pad)
     T, sizes = 7, (4, 3, 0, 4)
     gen = torch.Generator().manual_seed(1)
-    params = _weights(len(sizes), kind, bias=bias, seed=2)
+    params = _weights(len(sizes), kind, bias=bias, seed=2, hidden=hidden)
     x = torch.randn(T, M, generator=gen, dtype=torch.float64, requires_grad=True)
     token_N = torch.randint(0, T, (sum(sizes),), generator=gen)
     weight_N = (0.5 + torch.rand(sum(sizes), generator=gen, dtype=torch.float64)).requires_grad_()

@@ -413,9 +413,9 @@ def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscor
         hpre_B = hpre_NX[rows] if keep_hpre else x_B.new_empty(block.hi - block.lo, X)
         _block_linear(hpre_B, x_B, block, w.w1_GMX, w.b1_GX)
         act_B = activate_kept(w.activation, hpre_B)
-        # s * (act @ w2) = (s * act) @ w2: scaling act's H columns instead of the output's M,
-        # unless a bias would then need scaling too
-        scale_act = is_postscore and w.b2_GM is None and owns_activation(w.activation)
+        # s * (act @ w2) = (s * act) @ w2: scaling act's H columns where they are fewer than the
+        # output's M, unless a bias would then need scaling too
+        scale_act = is_postscore and _scales_activation(w, y_TM.shape[1])
         if scale_act:
             act_B.mul_(scale_N[rows].unsqueeze(1))
         out_B = x_B.new_empty(act_B.shape[0], y_TM.shape[1])
@@ -424,6 +424,12 @@ def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscor
             out_B.mul_(scale_N[rows].unsqueeze(1))
         y_TM.index_add_(0, token_N[rows], out_B)
     return y_TM, hpre_NX
+
+
+def _scales_activation(w: ExpertWeights, M: int) -> bool:
+    """Whether the gate weight scales the activation rather than the expert output (postscore): where
+    the activation is narrower (H < M), is a tensor of its own, and no output bias would need scaling."""
+    return w.b2_GM is None and owns_activation(w.activation) and w.w2_GHM.shape[1] < M
 
 
 def _with_zero_row(t_TM: torch.Tensor) -> torch.Tensor:
@@ -504,9 +510,8 @@ class PackedMoE(torch.autograd.Function):
             grad_h = activation_backward(w.activation, grad_act, hpre_B, act_B, silu_gate_RH=silu_gate_B)
             del grad_act, silu_gate_B
             if post and need_w:
-                # w2's gradient (s * act)^T @ gy = act^T @ (s * gy): scale the narrower act where
-                # it may be and no bias needs the scaled gy
-                if b2 is None and owns_activation(w.activation):
+                # w2's gradient (s * act)^T @ gy = act^T @ (s * gy): scale the narrower of the two
+                if _scales_activation(w, gy_B.shape[1]):
                     act_B.mul_(s_B1)
                 else:
                     gy_B.mul_(s_B1)  # now the gradient of the unscaled expert outputs

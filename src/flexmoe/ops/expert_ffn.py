@@ -95,12 +95,6 @@ def activate_kept(kind: Activation, hpre_RX: torch.Tensor) -> torch.Tensor:
     return hpre_RX.clamp_min_(0) if kind == "relu" else activation_forward(kind, hpre_RX)
 
 
-def owns_activation(kind: Activation) -> bool:
-    """Whether the activation is a tensor of its own, which a caller may scale in place: not ReLU's
-    (the kept hpre itself) nor a custom one's (possibly a view of hpre)."""
-    return kind in ("gelu", "silu", "swiglu")
-
-
 def activation_from_kept(kind: Activation, kept_RX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the activation, silu(gate) for swiglu, else None) in backward, from what forward kept
     (activate_kept); activation_backward takes silu(gate) instead of computing it a second time."""
@@ -407,15 +401,14 @@ def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscor
     y_TM = x_TM.new_zeros(x_TM.shape[0], w.w2_GHM.shape[2])
     X = w.w1_GMX.shape[2]
     hpre_NX = x_TM.new_empty(token_N.shape[0], X) if keep_hpre else None
+    # s * (act @ w2) = (s * act) @ w2: the gate weight scales whichever of the two is narrower
+    scale_act = is_postscore and _scales_activation(w)
     for block in _blocks(sizes, X):
         rows = slice(block.lo, block.hi)
         x_B = _gather_rows(x_TM, token_N[rows], None if is_postscore else scale_N[rows])
         hpre_B = hpre_NX[rows] if keep_hpre else x_B.new_empty(block.hi - block.lo, X)
         _block_linear(hpre_B, x_B, block, w.w1_GMX, w.b1_GX)
         act_B = activate_kept(w.activation, hpre_B)
-        # s * (act @ w2) = (s * act) @ w2: scaling act's H columns where they are fewer than the
-        # output's M, unless a bias would then need scaling too
-        scale_act = is_postscore and _scales_activation(w, y_TM.shape[1])
         if scale_act:
             act_B.mul_(scale_N[rows].unsqueeze(1))
         out_B = x_B.new_empty(act_B.shape[0], y_TM.shape[1])
@@ -426,10 +419,13 @@ def _moe_forward(x_TM, token_N, scale_N, w: ExpertWeights, sizes, *, is_postscor
     return y_TM, hpre_NX
 
 
-def _scales_activation(w: ExpertWeights, M: int) -> bool:
+def _scales_activation(w: ExpertWeights) -> bool:
     """Whether the gate weight scales the activation rather than the expert output (postscore): where
-    the activation is narrower (H < M), is a tensor of its own, and no output bias would need scaling."""
-    return w.b2_GM is None and owns_activation(w.activation) and w.w2_GHM.shape[1] < M
+    the activation is narrower (H < M), no output bias would need scaling too, and the activation is a
+    tensor of its own that may be scaled in place (not ReLU's, the kept hpre itself, nor a custom
+    one's, possibly a view of hpre)."""
+    H, M = w.w2_GHM.shape[1:]
+    return w.b2_GM is None and w.activation in ("gelu", "silu", "swiglu") and H < M
 
 
 def _with_zero_row(t_TM: torch.Tensor) -> torch.Tensor:
@@ -492,6 +488,7 @@ class PackedMoE(torch.autograd.Function):
         grad_s = weight_N.new_zeros(weight_N.shape) if need_s else None
         gw1, gw2 = (_zeros_where_empty(w1, sizes), _zeros_where_empty(w2, sizes)) if need_w else (None, None)
         gb1, gb2 = (_zeros_where_empty(b1, sizes), _zeros_where_empty(b2, sizes)) if need_w else (None, None)
+        scale_act = post and _scales_activation(w)
         for block in _blocks(sizes, hpre_NX.shape[1]):
             rows = slice(block.lo, block.hi)
             s_B1 = scale_N[rows].unsqueeze(1)
@@ -511,7 +508,7 @@ class PackedMoE(torch.autograd.Function):
             del grad_act, silu_gate_B
             if post and need_w:
                 # w2's gradient (s * act)^T @ gy = act^T @ (s * gy): scale the narrower of the two
-                if _scales_activation(w, gy_B.shape[1]):
+                if scale_act:
                     act_B.mul_(s_B1)
                 else:
                     gy_B.mul_(s_B1)  # now the gradient of the unscaled expert outputs
